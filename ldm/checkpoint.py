@@ -1,0 +1,131 @@
+"""Reading and writing weights: the one place that opens checkpoint files.
+
+`.ckpt`/`.pt`/`.pth` files are read with ``torch.load(weights_only=True)`` (never an
+arbitrary pickle); `.safetensors` files and HF-style sharded safetensors (an
+``*.safetensors.index.json`` next to its shards) are read with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong kind."""
+
+
+def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    index = json.loads(index_path.read_text())
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(index_path.parent / shard)))
+    order = index.get("metadata", {}).get("key_order")
+    if order:
+        state = {k: state[k] for k in order if k in state} | {k: v for k, v in state.items() if k not in order}
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw object stored in a checkpoint file (a dict), loaded without unpickling code."""
+    path = Path(path)
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if indexes:
+            return _load_sharded(indexes[0])
+        if len(singles) == 1:
+            return load_file(str(singles[0]))
+        raise CheckpointError(f"{path} is a directory without a single .safetensors file or a shard index")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    name = path.name
+    if name.endswith(".safetensors.index.json"):
+        return _load_sharded(path)
+    if name.endswith(".safetensors"):
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    if name.endswith(PICKLE_SUFFIXES):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read {path} with torch.load(weights_only=True): {e}. "
+                "Checkpoints holding arbitrary Python objects are refused; export the weights with "
+                "`python scripts/export_weights.py` on a trusted machine."
+            ) from e
+    raise CheckpointError(f"unknown checkpoint format for {path}: expected .ckpt/.pt/.pth or .safetensors")
+
+
+def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensor state dict in a checkpoint file (unwrapping Lightning's ``state_dict``).
+
+    With `prefix` (e.g. ``"first_stage_model."``) only keys under it are kept, prefix removed.
+    """
+    obj = read_checkpoint(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"{path} has no parameters under the prefix {prefix!r}")
+    return state
+
+
+def drop_keys(state: Mapping[str, torch.Tensor], ignore_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Remove every key that starts with one of `ignore_keys` (the anchors' convention)."""
+    ignore = tuple(ignore_keys)
+    return {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
+
+
+def load_into(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+) -> None:
+    """Strictly load `state` into `module`; a mismatch names the keys and shapes that differ.
+
+    `allow_missing`/`allow_unexpected` are key prefixes tolerated on either side (for example the
+    loss and discriminator of a first stage, which inference does not need).
+    """
+    own = module.state_dict()
+    allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+    missing = [k for k in own if k not in state and not (allow_missing and k.startswith(allow_missing))]
+    unexpected = [k for k in state if k not in own and not (allow_unexpected and k.startswith(allow_unexpected))]
+    shape = [
+        f"{k}: {tuple(state[k].shape)} in {source}, {tuple(own[k].shape)} in {type(module).__name__}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shape:
+        lines = [f"{source} does not fit {type(module).__name__}:"]
+        if shape:
+            lines.append(f"  {len(shape)} shape mismatch(es): " + "; ".join(shape[:5]))
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): " + ", ".join(missing[:8]))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:8]))
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def export_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write a state dict as safetensors (contiguous copies; shared storage is duplicated)."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})

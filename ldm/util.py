@@ -1,0 +1,131 @@
+"""Config instantiation and small helpers shared by every package.
+
+Every object in a config is ``{target: dotted.path, params: {...}}``. Errors name the
+config key, the class and what it accepts, so a typo in a YAML file is a one-line fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# Keys a `{target, params}` node may carry besides those two (the anchors put the
+# learning rate next to the model's target).
+_NODE_EXTRA_KEYS = {"base_learning_rate"}
+
+
+class ConfigError(ValueError):
+    """A config node that cannot be built; `key` is its dotted path in the config."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key}: {message}")
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}", self.detail)
+
+
+def _to_plain(config: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(config, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return config
+
+
+def get_obj_from_str(string: str, key: str = "target") -> Any:
+    """Import `package.module.Name`; a failure names the config key."""
+    if not isinstance(string, str) or "." not in string:
+        raise ConfigError(key, f"expected a dotted path like 'package.module.Class', got {string!r}")
+    module_name, attr = string.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(key, f"cannot import module {module_name!r} for target {string!r} ({e})") from e
+    if not hasattr(module, attr):
+        public = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, public, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(key, f"module {module_name!r} has no attribute {attr!r}{hint}")
+    return getattr(module, attr)
+
+
+def accepted_parameters(cls: Any) -> tuple[list[str], list[str], bool]:
+    """(all parameter names, required names, accepts **kwargs) of a callable's signature."""
+    sig = inspect.signature(cls)
+    names, required, var_kw = [], [], False
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        else:
+            names.append(p.name)
+            if p.default is inspect.Parameter.empty:
+                required.append(p.name)
+    return names, required, var_kw
+
+
+def check_params(cls: Any, params: Mapping[str, Any], key: str, provided: tuple[str, ...] = ()) -> None:
+    """Raise a ConfigError naming `key`, the class and its accepted parameters on a bad `params`."""
+    names, required, var_kw = accepted_parameters(cls)
+    qual = f"{cls.__module__}.{getattr(cls, '__qualname__', cls)}"
+    if not var_kw:
+        unknown = [p for p in params if p not in names]
+        if unknown:
+            hints = []
+            for u in unknown:
+                close = difflib.get_close_matches(u, names, n=1)
+                hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"{key}.params",
+                f"{qual} does not accept {', '.join(hints)}; accepted parameters: {', '.join(names)}",
+            )
+    missing = [r for r in required if r not in params and r not in provided]
+    if missing:
+        raise ConfigError(
+            f"{key}.params",
+            f"{qual} needs {', '.join(repr(m) for m in missing)}; accepted parameters: {', '.join(names)}",
+        )
+
+
+def instantiate_from_config(config: Any, key: str = "config", **extra: Any) -> Any:
+    """Build `config.target(**config.params, **extra)`; bad targets or parameters name `key`.
+
+    Nested configs built inside a constructor should pass their own key
+    (``instantiate_from_config(lossconfig, key="lossconfig")``); the error then
+    carries the full path, e.g. ``model.params.lossconfig.params.disc_weight``.
+    """
+    config = _to_plain(config)
+    if not isinstance(config, Mapping):
+        raise ConfigError(key, f"expected a mapping with 'target' and 'params', got {type(config).__name__}")
+    if "target" not in config:
+        close = difflib.get_close_matches("target", list(config), n=1)
+        hint = f" (found {close[0]!r}: misspelt?)" if close else ""
+        raise ConfigError(key, f"has no 'target'{hint}; keys: {', '.join(map(str, config)) or 'none'}")
+    stray = [k for k in config if k not in {"target", "params"} | _NODE_EXTRA_KEYS]
+    if stray:
+        raise ConfigError(key, f"unexpected key(s) {', '.join(map(repr, stray))}; a node has 'target' and 'params'")
+    cls = get_obj_from_str(config["target"], key=f"{key}.target")
+    params = dict(config.get("params") or {})
+    if not callable(cls):
+        raise ConfigError(f"{key}.target", f"{config['target']!r} is not callable")
+    if inspect.isclass(cls) or inspect.isfunction(cls):
+        check_params(cls, params, key, provided=tuple(extra))
+    try:
+        return cls(**params, **extra)
+    except ConfigError as e:
+        raise e.under(f"{key}.params") from None
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
