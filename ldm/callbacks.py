@@ -1,0 +1,198 @@
+"""Lightning callbacks of the training entrypoint: run folder, image grids, RNG state, signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from lightning_fabric.plugins import TorchCheckpointIO
+from omegaconf import OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename, so a kill never leaves a torn `.ckpt`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class SetupCallback(pl.Callback):
+    """Create the run folder, write the merged configs, and put the resolved config in every checkpoint."""
+
+    def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str, config: Any, lightning_config: Any):
+        super().__init__()
+        self.resume = resume
+        self.now, self.logdir, self.ckptdir, self.cfgdir = now, logdir, ckptdir, cfgdir
+        self.config, self.lightning_config = config, lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.global_rank != 0:
+            return
+        for d in (self.logdir, self.ckptdir, self.cfgdir):
+            os.makedirs(d, exist_ok=True)
+        OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
+                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        full = OmegaConf.merge(self.config, {"lightning": self.lightning_config})
+        checkpoint["config"] = OmegaConf.to_container(full, resolve=True)
+
+
+class RNGStateCallback(pl.Callback):
+    """Save and restore the python, numpy and torch RNG states so a resumed run continues the same stream."""
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": {"key": np_state[0], "state": torch.from_numpy(np_state[1].astype(np.int64)),
+                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        n = state["numpy"]
+        np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SignalCheckpoint(pl.Callback):
+    """On SIGUSR1, save `last.ckpt` at the end of the current batch and stop; on an exception, save it too."""
+
+    def __init__(self, ckptdir: str, signum: int = signal.SIGUSR1):
+        super().__init__()
+        self.ckptdir = ckptdir
+        self.requested = False
+        self.signum = signum
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        try:
+            signal.signal(self.signum, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            log.warning("cannot install the SIGUSR1 handler outside the main thread")
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        print(f"Received signal {signum}: saving a checkpoint after this batch.", flush=True)
+        self.requested = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.requested:
+            self.requested = False
+            path = os.path.join(self.ckptdir, "last.ckpt")
+            trainer.save_checkpoint(path)
+            print(f"Saved {path} at step {trainer.global_step}; stopping.", flush=True)
+            trainer.should_stop = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.global_rank != 0 or trainer.global_step == 0 or trainer.state.fn != "fit":
+            return
+        path = os.path.join(self.ckptdir, "last.ckpt")
+        print(f"{type(exception).__name__} during training: saving {path} at step {trainer.global_step}.", flush=True)
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as e:  # never mask the original error
+            log.error("could not save the emergency checkpoint: %s", e)
+
+
+class ImageLogger(pl.Callback):
+    """Write `pl_module.log_images` grids to `<logdir>/images/<split>/` and TensorBoard every N batches."""
+
+    def __init__(self, batch_frequency: int = 1000, max_images: int = 16, clamp: bool = True,
+                 increase_log_steps: bool = True, log_first_step: bool = False, log_on_batch_idx: bool = False,
+                 disabled: bool = False, log_images_kwargs: dict | None = None, nrow: int | None = None):
+        super().__init__()
+        if batch_frequency <= 0:
+            raise ValueError(f"batch_frequency must be positive, got {batch_frequency}")
+        self.batch_freq = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        self.log_first_step = log_first_step
+        self.log_on_batch_idx = log_on_batch_idx
+        self.disabled = disabled
+        self.log_images_kwargs = log_images_kwargs or {}
+        self.nrow = nrow
+        # Early grids at 1, 2, 4, ... steps show whether training starts well.
+        self.log_steps = [2**n for n in range(int(np.log2(batch_frequency)) + 1)] if increase_log_steps else []
+        self.logged_val = False
+
+    def _check_frequency(self, idx: int) -> bool:
+        if (idx % self.batch_freq == 0 or idx in self.log_steps) and (idx > 0 or self.log_first_step):
+            if idx in self.log_steps:
+                self.log_steps.remove(idx)
+            return True
+        return False
+
+    @rank_zero_only
+    def _save(self, save_dir: str, split: str, images: dict[str, torch.Tensor], global_step: int,
+              epoch: int, batch_idx: int, logger: Any) -> list[str]:
+        root = Path(save_dir) / "images" / split
+        root.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k, img in images.items():
+            nrow = self.nrow or max(1, int(np.ceil(np.sqrt(img.shape[0]))))
+            grid = torchvision.utils.make_grid(img, nrow=nrow)  # (C, H, W) in [-1, 1]
+            grid = (grid + 1.0) / 2.0
+            path = root / f"{k}_gs-{global_step:06}_e-{epoch:06}_b-{batch_idx:06}.png"
+            torchvision.utils.save_image(grid, path)
+            paths.append(str(path))
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"{split}/{k}", grid.clamp(0, 1), global_step)
+        return paths
+
+    def log_img(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, split: str) -> None:
+        if not hasattr(pl_module, "log_images") or not callable(pl_module.log_images) or self.max_images <= 0:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, N=self.max_images, split=split, **self.log_images_kwargs)
+        if was_training:
+            pl_module.train()
+        out = {}
+        for k, v in images.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 4:
+                v = v[: self.max_images].detach().float().cpu()
+                out[k] = v.clamp(-1.0, 1.0) if self.clamp else v
+        trainer = pl_module.trainer  # main.py sets default_root_dir to the run folder
+        self._save(trainer.default_root_dir, split, out, pl_module.global_step, pl_module.current_epoch, batch_idx,
+                   trainer.logger)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.disabled:
+            return
+        idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if self._check_frequency(idx):
+            self.log_img(pl_module, batch, batch_idx, split="train")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.logged_val = False
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.disabled and not self.logged_val and not trainer.sanity_checking and pl_module.global_step > 0:
+            self.logged_val = True
+            self.log_img(pl_module, batch, batch_idx, split="val")

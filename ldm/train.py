@@ -1,0 +1,246 @@
+"""The training entrypoint behind `main.py`: the anchors' command line on Lightning 2.
+
+`python main.py --base configs/a.yaml [configs/b.yaml ...] -t --gpus 0, [key.path=value ...]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.util import ConfigError, check_params, instantiate_from_config
+
+CONFIG_SECTIONS = ("model", "data", "lightning")
+
+
+def str2bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--name", default="", help="postfix for the run folder name")
+    p.add_argument("-r", "--resume", default="", help="resume from a run folder or a .ckpt in one")
+    p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                   help="configs merged left to right; dotted key=value overrides follow the flags")
+    p.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    p.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="skip the test split")
+    p.add_argument("-p", "--project", help="name of a new or existing project")
+    p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
+                   help="put the run under <logdir>/debug")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    p.add_argument("-f", "--postfix", default="", help="postfix for the default name")
+    p.add_argument("-l", "--logdir", default="logs", help="root of the run folders")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
+                   help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_lr "
+                        "(the anchors scale by default; here it is opt-in)")
+    p.add_argument("--gpus", default=None, help="GPU ids in the anchors' form, e.g. '0,' or '0,1'; empty = CPU")
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator (cpu, gpu, auto)")
+    p.add_argument("--devices", default=None, help="Lightning devices (a count or a list)")
+    p.add_argument("--num_nodes", type=int, default=None)
+    p.add_argument("--precision", default=None, help="e.g. 32, 16-mixed, bf16-mixed")
+    p.add_argument("--max_steps", type=int, default=None)
+    return p
+
+
+@dataclass
+class RunPaths:
+    now: str
+    nowname: str
+    logdir: str
+    ckptdir: str
+    cfgdir: str
+    resume_ckpt: str | None
+
+
+def parse_gpus(gpus: str | None) -> list[int] | None:
+    """'0,' -> [0]; '0,1' -> [0, 1]; None/'' -> None (CPU)."""
+    if gpus is None or str(gpus).strip(" ,") == "":
+        return None
+    try:
+        return [int(g) for g in str(gpus).split(",") if g.strip() != ""]
+    except ValueError as e:
+        raise SystemExit(f"--gpus expects comma-separated GPU ids such as '0,' or '0,1', got {gpus!r}") from e
+
+
+def resolve_run(opt: argparse.Namespace, now: str) -> RunPaths:
+    """Work out the run folder, the checkpoint to resume and the configs a resumed run reuses."""
+    if opt.name and opt.resume:
+        raise SystemExit("-n/--name and -r/--resume cannot be given together: -r reuses the run's folder name.")
+    resume_ckpt = None
+    if opt.resume:
+        if not os.path.exists(opt.resume):
+            raise SystemExit(f"cannot resume: {opt.resume} does not exist")
+        if os.path.isfile(opt.resume):
+            resume_ckpt = opt.resume
+            logdir = str(Path(opt.resume).resolve().parent.parent)
+        else:
+            logdir = opt.resume.rstrip("/")
+            resume_ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+            if not os.path.exists(resume_ckpt):
+                raise SystemExit(f"cannot resume: {resume_ckpt} does not exist (no checkpoint was saved in {logdir})")
+        base_configs = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
+        if not base_configs:
+            raise SystemExit(f"cannot resume: {logdir}/configs has no saved project config")
+        # The run's own merged config first, then anything given on this command line.
+        opt.base = base_configs[-1:] + list(opt.base)
+        nowname = os.path.basename(logdir)
+    else:
+        if opt.name:
+            name = "_" + opt.name
+        elif opt.base:
+            name = "_" + Path(opt.base[0]).stem
+        else:
+            name = ""
+        nowname = now + name + opt.postfix
+        logdir = os.path.join(opt.logdir, "debug" if opt.debug else "", nowname)
+    return RunPaths(now, nowname, logdir, os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs"),
+                    resume_ckpt)
+
+
+def load_config(base: list[str], overrides: list[str]) -> DictConfig:
+    """Merge configs left to right, then dotted `key=value` overrides."""
+    if not base:
+        raise SystemExit("no config given: use --base configs/<...>.yaml")
+    configs = []
+    for path in base:
+        if not os.path.exists(path):
+            raise SystemExit(f"config file not found: {path}")
+        configs.append(OmegaConf.load(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SystemExit(f"unrecognised argument(s) {bad}: overrides look like model.params.key=value")
+    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+    stray = [k for k in config if k not in CONFIG_SECTIONS]
+    if stray:
+        raise ConfigError(stray[0], f"unknown top-level section; a config has {', '.join(CONFIG_SECTIONS)}")
+    if "model" not in config:
+        raise ConfigError("model", "missing: every config needs a model section")
+    return config
+
+
+def trainer_kwargs_from(opt: argparse.Namespace, lightning_config: DictConfig) -> dict[str, Any]:
+    import pytorch_lightning as pl
+
+    trainer_cfg = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    gpus = parse_gpus(opt.gpus)
+    if gpus is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--gpus {opt.gpus} asks for CUDA devices but torch sees none; drop --gpus to train on CPU")
+        trainer_cfg.update(accelerator="gpu", devices=gpus)
+    trainer_cfg.setdefault("accelerator", "cpu")
+    for flag in ("accelerator", "devices", "num_nodes", "precision", "max_steps"):
+        value = getattr(opt, flag)
+        if value is not None:
+            if flag == "devices" and isinstance(value, str) and value.isdigit():
+                value = int(value)
+            trainer_cfg[flag] = value
+    check_params(pl.Trainer, trainer_cfg, "lightning.trainer")
+    return trainer_cfg
+
+
+def scale_learning_rate(model: Any, config: DictConfig, trainer_cfg: dict[str, Any], scale: bool) -> None:
+    """Set `model.learning_rate` from `model.base_learning_rate`, scaled as in the anchors if asked."""
+    base_lr = config.model.get("base_learning_rate")
+    if base_lr is None:
+        return
+    if not scale:
+        model.learning_rate = float(base_lr)
+        print(f"Learning rate {model.learning_rate:.2e} (model.base_learning_rate, unscaled)")
+        return
+    bs = int(config.data.params.batch_size) if "data" in config else 1
+    devices = trainer_cfg.get("devices", 1)
+    ndev = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1))
+    nodes = int(trainer_cfg.get("num_nodes", 1))
+    model.learning_rate = accumulate * ndev * nodes * bs * float(base_lr)
+    print(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) "
+          f"* {ndev} (devices) * {nodes} (nodes) * {bs} (batch size) * {float(base_lr):.2e} (base_lr)")
+
+
+def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictConfig, model: Any, resume: bool):
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from ldm.callbacks import ImageLogger, RNGStateCallback, SetupCallback, SignalCheckpoint
+
+    callbacks: list[Any] = [
+        SetupCallback(resume, paths.now, paths.logdir, paths.ckptdir, paths.cfgdir, config, lightning_config),
+        RNGStateCallback(),
+        SignalCheckpoint(paths.ckptdir),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    every = int(lightning_config.get("checkpoint_every_n_steps", 200))
+    # last.ckpt, refreshed often, is what -r resumes from (also after kill -9).
+    callbacks.append(ModelCheckpoint(dirpath=paths.ckptdir, filename="last", every_n_train_steps=every,
+                                     save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True))
+    mc = OmegaConf.to_container(lightning_config.get("modelcheckpoint", OmegaConf.create()), resolve=True)
+    mc_params = dict(mc.get("params", {}))
+    monitor = mc_params.pop("monitor", getattr(model, "monitor", None))
+    if monitor:
+        mc_params.setdefault("filename", "best-{epoch:06}-{step:07}")
+        mc_params.setdefault("save_top_k", 1)
+        check_params(ModelCheckpoint, mc_params, "lightning.modelcheckpoint")
+        callbacks.append(ModelCheckpoint(dirpath=paths.ckptdir, monitor=monitor, **mc_params))
+    user = OmegaConf.to_container(lightning_config.get("callbacks", OmegaConf.create()), resolve=True)
+    for name, cb_cfg in user.items():
+        cb = instantiate_from_config(cb_cfg, key=f"lightning.callbacks.{name}")
+        callbacks.append(cb)
+    if not any(isinstance(c, ImageLogger) for c in callbacks):
+        callbacks.append(ImageLogger(batch_frequency=1000, max_images=16))
+    return callbacks
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, os.getcwd())
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    paths = resolve_run(opt, now)
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from ldm.callbacks import AtomicCheckpointIO
+
+    pl.seed_everything(opt.seed, workers=True)
+    config = load_config(opt.base, unknown)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer_cfg = trainer_kwargs_from(opt, lightning_config)
+    lightning_config.trainer = trainer_cfg
+
+    model = instantiate_from_config(config.model, key="model")
+    data = instantiate_from_config(config.data, key="data") if "data" in config else None
+    if data is None:
+        raise ConfigError("data", "missing: training needs a data section")
+    scale_learning_rate(model, config, trainer_cfg, opt.scale_lr)
+
+    loggers = [TensorBoardLogger(paths.logdir, name="tensorboard", version=""),
+               CSVLogger(paths.logdir, name="csv", version="")]
+    callbacks = build_callbacks(paths, config, lightning_config, model, bool(paths.resume_ckpt))
+    trainer = pl.Trainer(**trainer_cfg, logger=loggers, callbacks=callbacks, default_root_dir=paths.logdir,
+                         plugins=[AtomicCheckpointIO()])
+
+    if opt.train:
+        # SignalCheckpoint saves last.ckpt on an exception or SIGUSR1; -r resumes from it.
+        trainer.fit(model, datamodule=data, ckpt_path=paths.resume_ckpt, weights_only=True)
+    if not opt.no_test and not trainer.interrupted and getattr(data, "has_test", True):
+        if opt.train or paths.resume_ckpt:
+            trainer.test(model, datamodule=data, ckpt_path=None if opt.train else paths.resume_ckpt,
+                         weights_only=True)
+    return 0

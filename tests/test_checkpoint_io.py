@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.checkpoint import CheckpointError, load_into, load_state_dict, read_checkpoint
+from ldm.ema import LitEma, ema_scope
+
+
+def test_lightning_ckpt_and_prefix(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in net.state_dict().items()}, "global_step": 5}, path)
+    sd = load_state_dict(path, prefix="first_stage_model.")
+    assert set(sd) == {"0.weight", "0.bias"}
+    other = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    load_into(other, sd)
+    assert torch.equal(other[0].weight, net[0].weight)
+
+
+def test_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "x": Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        read_checkpoint(path)
+
+
+def test_sharded_safetensors(tmp_path):
+    a, b = {"x": torch.ones(2)}, {"y": torch.zeros(3)}
+    save_file(a, tmp_path / "s-1.safetensors")
+    save_file(b, tmp_path / "s-2.safetensors")
+    (tmp_path / "s.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"key_order": ["y", "x"]}, "weight_map": {"x": "s-1.safetensors", "y": "s-2.safetensors"}}))
+    sd = load_state_dict(tmp_path)
+    assert list(sd) == ["y", "x"]
+
+
+def test_mismatch_names_keys_and_shapes(tmp_path):
+    net = torch.nn.Linear(2, 3)
+    with pytest.raises(CheckpointError) as e:
+        load_into(net, {"weight": torch.zeros(4, 2), "extra": torch.zeros(1)}, source="x.ckpt")
+    msg = str(e.value)
+    assert "weight: (4, 2) in x.ckpt, (3, 2) in Linear" in msg
+    assert "missing key(s): bias" in msg and "unexpected key(s): extra" in msg
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_state_dict(tmp_path / "nope.ckpt")
+
+
+def test_ema_closed_form_and_scope():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = LitEma(net, decay=0.5, use_num_updates=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema(net)
+    ema(net)  # 0 -> 0.5 -> 0.75
+    assert torch.allclose(ema.weight, torch.tensor([[0.75]]))
+    with ema_scope(net, ema):
+        assert net.weight.item() == pytest.approx(0.75)
+    assert net.weight.item() == 1.0
+    assert set(ema.state_dict()) == {"decay", "num_updates", "weight"}
