@@ -93,11 +93,12 @@ def resolve_run(opt: argparse.Namespace, now: str) -> RunPaths:
             resume_ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
             if not os.path.exists(resume_ckpt):
                 raise SystemExit(f"cannot resume: {resume_ckpt} does not exist (no checkpoint was saved in {logdir})")
-        base_configs = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
-        if not base_configs:
+        project = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
+        lightning = sorted(glob.glob(os.path.join(logdir, "configs", "*-lightning.yaml")))
+        if not project:
             raise SystemExit(f"cannot resume: {logdir}/configs has no saved project config")
         # The run's own merged config first, then anything given on this command line.
-        opt.base = base_configs[-1:] + list(opt.base)
+        opt.base = project[-1:] + lightning[-1:] + list(opt.base)
         nowname = os.path.basename(logdir)
     else:
         if opt.name:
