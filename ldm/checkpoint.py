@@ -129,3 +129,37 @@ def export_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLik
     """Write a state dict as safetensors (contiguous copies; shared storage is duplicated)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def config_from_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The resolved config that `main.py` stores inside every checkpoint."""
+    obj = read_checkpoint(path)
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    if not isinstance(config, Mapping) or "model" not in config:
+        raise CheckpointError(
+            f"{path} carries no config (it was not written by main.py); pass the config explicitly"
+        )
+    return dict(config)
+
+
+def instantiate_from_checkpoint(
+    path: str | os.PathLike, config: Mapping[str, Any] | None = None, use_ema: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the model a checkpoint was trained with and load its weights (EMA weights if present).
+
+    The training-only `loss.*` modules (discriminator, perceptual net) may be absent on either side.
+    """
+    from ldm.util import instantiate_from_config
+
+    config = dict(config) if config is not None else config_from_checkpoint(path)
+    model_cfg = dict(config["model"])
+    params = dict(model_cfg.get("params") or {})
+    params.pop("ckpt_path", None)  # the weights come from `path`
+    model = instantiate_from_config({**model_cfg, "params": params}, key="model")
+    state = load_state_dict(path)
+    load_into(model, state, source=str(path), allow_missing=("loss.",), allow_unexpected=("loss.",))
+    ema = getattr(model, "model_ema", None)
+    if use_ema and ema is not None:
+        ema.copy_to(model)
+    model.eval()
+    return model, config

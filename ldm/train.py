@@ -39,7 +39,6 @@ def get_parser() -> argparse.ArgumentParser:
                    help="configs merged left to right; dotted key=value overrides follow the flags")
     p.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
     p.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="skip the test split")
-    p.add_argument("-p", "--project", help="name of a new or existing project")
     p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
                    help="put the run under <logdir>/debug")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")

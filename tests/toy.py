@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,8 +39,10 @@ class ToyData(pl.LightningDataModule):
 class ToyAutoencoder(pl.LightningModule):
     """Linear autoencoder; `fail_at_step` raises inside training to exercise emergency checkpoints."""
 
-    def __init__(self, size: int = 8, fail_at_step: int | None = None, monitor: str | None = "val/loss"):
+    def __init__(self, size: int = 8, fail_at_step: int | None = None, monitor: str | None = "val/loss",
+                 step_seconds: float = 0.0):
         super().__init__()
+        self.step_seconds = step_seconds
         self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(size * size, size * size))
         self.size, self.fail_at_step, self.monitor = size, fail_at_step, monitor
         self.learning_rate = 1e-3
@@ -49,6 +53,8 @@ class ToyAutoencoder(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.fail_at_step is not None and self.global_step == self.fail_at_step:
             raise RuntimeError("injected failure")
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         loss = torch.mean((self(batch["image"]) - batch["image"]) ** 2)
         self.log("train/loss", loss)
         return loss

@@ -1,0 +1,77 @@
+"""`kill -9` during training, then `-r <logdir>`: the run continues from its last saved step."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ldm.checkpoint import read_checkpoint
+from tests.test_main import TOY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(args, log):
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def test_kill_9_then_resume(tmp_path):
+    cfg = dict(TOY)
+    cfg["model"] = {**TOY["model"], "params": {"step_seconds": 0.05}}
+    cfg["lightning"] = {**TOY["lightning"], "trainer": {**TOY["lightning"]["trainer"], "max_steps": 100000}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    logroot = tmp_path / "logs"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(["--base", str(path), "-t", "-l", str(logroot), "-n", "kill"], log)
+        ckpt = lambda: glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))  # noqa: E731
+        _wait_for(lambda: bool(ckpt()) and read_checkpoint(ckpt()[0])["global_step"] >= 6, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = read_checkpoint(ckpt()[0])
+    step = saved["global_step"]
+    assert step >= 6
+    logdir = os.path.dirname(os.path.dirname(ckpt()[0]))
+    with open(tmp_path / "second.log", "w") as log:
+        proc = _start(["-r", logdir, "-t", "--no-test", "--max_steps", str(step + 4)], log)
+        assert proc.wait(timeout=180) == 0
+    text = (tmp_path / "second.log").read_text()
+    assert "Restored all states from the checkpoint" in text
+    final = read_checkpoint(ckpt()[0])
+    assert final["global_step"] == step + 4
+    assert [int(s["step"]) for s in final["optimizer_states"][0]["state"].values()] == [step + 4] * 2
+
+
+def test_sigusr1_saves_and_stops(tmp_path):
+    cfg = dict(TOY)
+    cfg["model"] = {**TOY["model"], "params": {"step_seconds": 0.05}}
+    cfg["lightning"] = {**TOY["lightning"], "checkpoint_every_n_steps": 100000,
+                        "trainer": {**TOY["lightning"]["trainer"], "max_steps": 100000}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    logroot = tmp_path / "logs"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = _start(["--base", str(path), "-t", "--no-test", "-l", str(logroot)], log)
+        _wait_for(lambda: bool(glob.glob(str(logroot / "*" / "images" / "train" / "*gs-000004*"))), proc)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=60) == 0
+    saved = read_checkpoint(glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))[0])
+    assert saved["global_step"] >= 4
+    assert "Received signal" in (tmp_path / "run.log").read_text()
