@@ -1,0 +1,95 @@
+"""Samplers for absorbing diffusion. Each takes the denoiser `net(x_t, t, cond) -> logits (B, N, K)`.
+
+`sample` runs the paper's reverse process with any number of steps S <= T: at step s = S..1 every
+still-masked token is revealed with probability 1/s (so all are revealed at s = 1), its value drawn
+from the denoiser's prediction of x_0. `order="confidence"` reveals instead the most confident
+predictions on a cosine schedule (MaskGIT, Chang et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from ldm.logits import filter_logits, guided_logits
+
+Callback = Callable[[dict[str, Any]], None]
+Order = Literal["random", "confidence"]
+
+
+def _time_for_step(step: int, steps: int, num_timesteps: int) -> int:
+    """The diffusion time whose masking rate matches `step` of `steps` (t = s when S = T)."""
+    return max(1, round(step * num_timesteps / steps))
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample tokens (B, N) and their probabilities under the filtered distribution."""
+    if temperature == 0:
+        probs = logits.float().softmax(-1)
+        x = probs.argmax(-1)
+    else:
+        probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+        x = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+    return x, probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(
+    net: Callable[..., torch.Tensor],
+    shape: tuple[int, int],
+    mask_id: int,
+    num_timesteps: int,
+    steps: int | None = None,
+    cond: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance_scale: float = 1.0,
+    null_cond: torch.Tensor | None = None,
+    order: Order = "random",
+    x_init: torch.Tensor | None = None,
+    known: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Generate tokens (B, N); with `known` (B, N) bool the tokens of `x_init` there are kept (inpainting)."""
+    b, n = shape
+    steps = steps or num_timesteps
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps} (the trained T), got {steps}")
+    if order not in ("random", "confidence"):
+        raise ValueError(f"order must be 'random' or 'confidence', got {order!r}")
+    device = torch.device(device) if device is not None else (cond.device if cond is not None else torch.device("cpu"))
+    x = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+    if known is not None:
+        if x_init is None or known.shape != (b, n) or x_init.shape != (b, n):
+            raise ValueError(f"inpainting needs x_init and known of shape {(b, n)}")
+        x = torch.where(known, x_init.to(device), x)
+    unmasked = x != mask_id  # (B, N) bool
+    n_start_masked = (~unmasked).sum(1)  # (B,)
+
+    for i, s in enumerate(range(steps, 0, -1)):
+        t = torch.full((b,), _time_for_step(s, steps, num_timesteps), dtype=torch.long, device=device)
+        logits = guided_logits(net, x, t, cond, null_cond, guidance_scale)  # (B, N, K)
+        x0_hat, conf = _draw(logits, temperature, top_k, top_p, generator)
+        if order == "random":
+            u = torch.rand((b, n), device=device, generator=generator)
+            reveal = (u < 1.0 / s) & ~unmasked
+        else:
+            # cosine schedule: fraction still masked after this step = cos(pi/2 * (i+1)/steps)
+            keep_masked = torch.floor(n_start_masked.float() * math.cos(math.pi / 2 * (i + 1) / steps)).long()
+            n_reveal = ((~unmasked).sum(1) - keep_masked).clamp(min=0)  # (B,)
+            score = conf.masked_fill(unmasked, -1.0)
+            rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+            reveal = (rank < n_reveal.unsqueeze(1)) & ~unmasked
+        x = torch.where(reveal, x0_hat, x)
+        unmasked = unmasked | reveal
+        if callback is not None:
+            callback({"i": i, "steps": steps, "t": t, "x": x, "x0_pred": x0_hat})
+    return x

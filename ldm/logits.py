@@ -1,0 +1,55 @@
+"""Logit processing shared by the token samplers: temperature, top-k / top-p, classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Keep the `top_k` largest logits and the smallest set whose probability reaches `top_p` (nucleus)."""
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one index per row of `logits` (..., K); temperature 0 is argmax."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def guided_logits(net: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                  null_cond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on log-probabilities: log p_u + s (log p_c - log p_u), renormalised.
+
+    `net(x, t, cond)` returns logits (B, N, K); the conditional and unconditional passes run as one
+    batch. Scale 1 (or no conditioning) is the plain conditional model.
+    """
+    if scale == 1.0 or cond is None:
+        return net(x, t, cond)
+    if null_cond is None:
+        raise ValueError("classifier-free guidance needs a null condition (train with class dropout)")
+    both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))
+    cond_lp, uncond_lp = both.float().log_softmax(-1).chunk(2)
+    return (uncond_lp + scale * (cond_lp - uncond_lp)).log_softmax(-1)
