@@ -1,0 +1,68 @@
+"""The paper's own denoiser (Bond-Taylor et al. 2022), in its checkpoint layout, so released weights load.
+
+A pre-LayerNorm bidirectional transformer with biased q/k/v projections and a bias-free head,
+which x-transformers cannot express; new models train `ldm.nn.transformer.TokenTransformer`.
+Keys equal the original `Transformer.state_dict()` (`_denoise_fn.` prefix in sampler checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.key = nn.Linear(dim, dim)
+        self.query = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for f in (self.query, self.key, self.value))  # (B, H, N, d_h)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.attn = _SelfAttention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class UnleashingTransformer(nn.Module):
+    """`forward(x (B, N) long, t=None, cond=None) -> logits (B, N, K)`; t and cond are not used."""
+
+    def __init__(self, codebook_size: int, block_size: int, n_embd: int = 512, n_head: int = 8,
+                 n_layer: int = 24, dropout: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.seq_len = codebook_size, block_size
+        self.num_classes = None
+        self.tok_emb = nn.Embedding(codebook_size + 1, n_embd)  # + the mask token
+        self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
+        self.start_tok = nn.Parameter(torch.zeros(1, 1, n_embd))  # unused by the bidirectional model
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[_Block(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, codebook_size, bias=False)
+
+    @property
+    def null_class(self) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.drop(self.tok_emb(x) + self.pos_emb[:, : x.shape[1]])  # (B, N, D)
+        return self.head(self.ln_f(self.blocks(h)))
