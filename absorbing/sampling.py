@@ -3,7 +3,8 @@
 `sample` runs the paper's reverse process with any number of steps S <= T: at step s = S..1 every
 still-masked token is revealed with probability 1/s (so all are revealed at s = 1), its value drawn
 from the denoiser's prediction of x_0. `order="confidence"` reveals instead the most confident
-predictions on a cosine schedule (MaskGIT, Chang et al. 2022).
+predictions on a cosine schedule (MaskGIT, Chang et al. 2022); `order="raster"` reveals tokens in
+raster order, evenly over the steps (one per step when steps = N, as in the paper's big samples).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ldm.logits import filter_logits, guided_logits
 
 Callback = Callable[[dict[str, Any]], None]
-Order = Literal["random", "confidence"]
+Order = Literal["random", "confidence", "raster"]
 
 
 def _time_for_step(step: int, steps: int, num_timesteps: int) -> int:
@@ -61,10 +62,10 @@ def sample(
     """Generate tokens (B, N); with `known` (B, N) bool the tokens of `x_init` there are kept (inpainting)."""
     b, n = shape
     steps = steps or num_timesteps
-    if not 1 <= steps <= num_timesteps:
+    if order not in ("random", "confidence", "raster"):
+        raise ValueError(f"order must be 'random', 'confidence' or 'raster', got {order!r}")
+    if not 1 <= steps <= (n if order == "raster" else num_timesteps):
         raise ValueError(f"steps must be in 1..{num_timesteps} (the trained T), got {steps}")
-    if order not in ("random", "confidence"):
-        raise ValueError(f"order must be 'random' or 'confidence', got {order!r}")
     device = torch.device(device) if device is not None else (cond.device if cond is not None else torch.device("cpu"))
     x = torch.full((b, n), mask_id, dtype=torch.long, device=device)
     if known is not None:
@@ -81,6 +82,10 @@ def sample(
         if order == "random":
             u = torch.rand((b, n), device=device, generator=generator)
             reveal = (u < 1.0 / s) & ~unmasked
+        elif order == "raster":
+            n_reveal = torch.ceil((~unmasked).sum(1).float() / s).long()  # spread what is left over s steps
+            rank = torch.cumsum((~unmasked).long(), dim=1)  # 1-based rank among masked, raster order
+            reveal = ~unmasked & (rank <= n_reveal.unsqueeze(1))
         else:
             # cosine schedule: fraction still masked after this step = cos(pi/2 * (i+1)/steps)
             keep_masked = torch.floor(n_start_masked.float() * math.cos(math.pi / 2 * (i + 1) / steps)).long()

@@ -1,0 +1,98 @@
+"""The absorbing-diffusion prior: wires the process, the denoiser and the frozen VQ first stage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from absorbing.process import AbsorbingDiffusion, LossType, MaskSchedule, TimeSampling
+from absorbing.sampling import Order, sample
+from absorbing.windows import windowed_denoiser
+from ldm.prior import LatentPrior
+from ldm.util import instantiate_from_config
+
+
+class AbsorbingPrior(LatentPrior):
+    """Bond-Taylor et al. 2022 on the tokens of a VQ first stage; class-conditional with a class token."""
+
+    latent_kind = "tokens"
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        denoiser_config: Mapping[str, Any],
+        codebook_size: int,
+        num_timesteps: int = 256,
+        mask_schedule: MaskSchedule = "random",
+        loss_type: LossType = "reweighted_elbo",
+        time_sampling: TimeSampling = "uniform",
+        time_conditioning: bool = False,
+        sample_steps: int | None = None,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        **prior_kw: Any,
+    ):
+        super().__init__(first_stage_config, **prior_kw)
+        n_embed = int(self.first_stage_model.n_embed)
+        if n_embed != codebook_size:
+            raise ValueError(
+                f"the first stage has a codebook of {n_embed} codes but the prior is configured for "
+                f"codebook_size={codebook_size}; they must be equal"
+            )
+        self.process = AbsorbingDiffusion(codebook_size, num_timesteps, mask_schedule, loss_type, time_sampling)
+        self.seq_len = int(self.latent_shape[-2] * self.latent_shape[-1])
+        backbone_kw: dict[str, Any] = {"vocab_size": codebook_size, "seq_len": self.seq_len}
+        if self.num_classes:
+            backbone_kw["num_classes"] = self.num_classes
+        if time_conditioning:
+            backbone_kw.update(time_conditioning=True, num_timesteps=num_timesteps)
+        self.model = instantiate_from_config(denoiser_config, key="denoiser_config", **backbone_kw)
+        self.sample_steps = sample_steps or num_timesteps
+        self.finish_init(ckpt_path, ignore_keys)
+
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.model(xt, t, cond)
+
+    def compute_loss(self, latents: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        x0 = latents.flatten(1)  # (B, h*w) long
+        out = self.process.training_losses(self.denoise, x0, cond)
+        return out["loss"], {"elbo_bpt": out["elbo_bpt"]}
+
+    def _sample_tokens(self, n: int, hw: tuple[int, int], cond: torch.Tensor | None,
+                       generator: torch.Generator | None, steps: int | None = None,
+                       stride: int | Sequence[int] | None = None, order: Order = "random",
+                       x_init: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                       **kw: Any) -> torch.Tensor:
+        h, w = hw
+        net = self.denoise
+        if (h, w) != tuple(self.latent_shape[-2:]):
+            net = windowed_denoiser(self.denoise, (h, w), tuple(self.latent_shape[-2:]), stride)
+        tokens = sample(
+            net, (n, h * w), self.process.mask_id, self.process.num_timesteps, steps or self.sample_steps, cond,
+            generator, null_cond=self.null_cond(n), order=order, device=self.device,
+            x_init=None if x_init is None else x_init.flatten(1), known=None if known is None else known.flatten(1),
+            **kw,
+        )
+        return tokens.view(n, h, w)
+
+    def sample_latents(self, n: int, cond: torch.Tensor | None, generator: torch.Generator | None,
+                       shape: Sequence[int] | None = None, **kw: Any) -> torch.Tensor:
+        """Tokens (n, h, w); `shape=(h, w)` larger than the training shape samples with sliding windows."""
+        hw = tuple(shape) if shape is not None else tuple(self.latent_shape[-2:])
+        if len(hw) != 2 or hw[0] < self.latent_shape[-2] or hw[1] < self.latent_shape[-1]:
+            raise ValueError(f"shape must be (h, w) at least the training shape {tuple(self.latent_shape[-2:])}, got {shape}")
+        return self._sample_tokens(n, hw, cond, generator, **kw)
+
+    def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: torch.Tensor | None,
+                        generator: torch.Generator | None, **kw: Any) -> torch.Tensor:
+        if known.shape != latents.shape:
+            raise ValueError(f"known mask {tuple(known.shape)} does not match the token map {tuple(latents.shape)}")
+        return self._sample_tokens(latents.shape[0], tuple(latents.shape[-2:]), cond, generator,
+                                   x_init=latents, known=known, **kw)
+
+    def nll_latents(self, latents: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None = None,
+                    timesteps: list[int] | None = None) -> torch.Tensor:
+        """The ELBO over all T steps in bits per token (B,)."""
+        return self.process.elbo(self.denoise, latents.flatten(1), cond, generator, timesteps)

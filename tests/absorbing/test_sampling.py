@@ -1,0 +1,110 @@
+"""Absorbing samplers: the unmasking rule, inpainting, guidance, windows, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from absorbing.sampling import sample
+from absorbing.windows import window_starts, windowed_denoiser
+from ldm.logits import filter_logits, guided_logits
+
+K, MASK = 6, 6
+
+
+def fixed_net(logits_per_pos):
+    calls = []
+
+    def net(x, t, cond):
+        calls.append((x.clone(), t.clone()))
+        return logits_per_pos.expand(x.shape[0], -1, -1)
+
+    return net, calls
+
+
+@pytest.mark.parametrize("order", ["random", "confidence", "raster"])
+def test_all_tokens_revealed_and_never_changed_afterwards(order):
+    torch.manual_seed(0)
+    net, calls = fixed_net(torch.randn(1, 10, K))
+    seen = []
+    x = sample(net, (3, 10), MASK, num_timesteps=20, steps=5 if order != "raster" else 10,
+               generator=torch.Generator().manual_seed(1), order=order, callback=lambda d: seen.append(d["x"].clone()))
+    assert (x != MASK).all() and x.max() < K
+    assert len(calls) == len(seen) == (5 if order != "raster" else 10)
+    for before, after in zip(seen, seen[1:]):
+        fixed = before != MASK
+        assert torch.equal(after[fixed], before[fixed])
+
+
+def test_random_order_reveals_one_over_s_in_expectation():
+    net, calls = fixed_net(torch.zeros(1, 4000, K))
+    sample(net, (1, 4000), MASK, num_timesteps=4, steps=4, generator=torch.Generator().manual_seed(0))
+    masked = [int((x == MASK).sum()) for x, _ in calls]  # before each step: 4000, ~3000, ~2000, ~1000
+    assert masked[0] == 4000
+    for got, want in zip(masked[1:], [3000, 2000, 1000]):
+        assert abs(got - want) < 120
+    assert [int(t[0]) for _, t in calls] == [4, 3, 2, 1]
+
+
+def test_steps_fewer_than_T_pass_matching_times():
+    net, calls = fixed_net(torch.zeros(1, 8, K))
+    sample(net, (2, 8), MASK, num_timesteps=256, steps=4, generator=torch.Generator().manual_seed(0))
+    assert [int(t[0]) for _, t in calls] == [256, 192, 128, 64]
+
+
+def test_inpainting_keeps_known_tokens():
+    net, _ = fixed_net(torch.randn(1, 12, K))
+    x_init = torch.randint(0, K, (2, 12))
+    known = torch.zeros(2, 12, dtype=torch.bool)
+    known[:, :5] = True
+    x = sample(net, (2, 12), MASK, 10, 10, generator=torch.Generator().manual_seed(0), x_init=x_init, known=known)
+    assert torch.equal(x[known], x_init[known]) and (x != MASK).all()
+
+
+def test_seeded_determinism_and_temperature_zero_is_argmax():
+    logits = torch.randn(1, 9, K)
+    net, _ = fixed_net(logits)
+    a = sample(net, (2, 9), MASK, 8, 8, generator=torch.Generator().manual_seed(3))
+    b = sample(net, (2, 9), MASK, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    greedy = sample(net, (2, 9), MASK, 8, 8, generator=torch.Generator().manual_seed(3), temperature=0.0)
+    assert torch.equal(greedy, logits.argmax(-1).expand(2, -1))
+
+
+def test_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_guidance_closed_form():
+    def net(x, t, cond):  # class 0 prefers token 0, the null class (2) is uniform
+        out = torch.zeros(x.shape[0], x.shape[1], 3)
+        out[cond == 0, :, 0] = 1.0
+        return out
+
+    x, t, c = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    lp = guided_logits(net, x, t, c, torch.tensor([2]), scale=3.0)
+    # log p_u + 3 (log p_c - log p_u) = const + 3 * [1, 0, 0] before renormalising
+    expected = torch.tensor([3.0, 0.0, 0.0]).log_softmax(-1)
+    torch.testing.assert_close(lp[0, 0], expected)
+    torch.testing.assert_close(guided_logits(net, x, t, c, torch.tensor([2]), 1.0), net(x, t, c))
+
+
+def test_windows_cover_and_average():
+    assert window_starts(10, 4, 2) == [0, 2, 4, 6]
+    assert window_starts(9, 4, 4) == [0, 4, 5]
+
+    def position_net(x, t, cond):  # log-prob of token 0 = the first token's value in the window
+        out = torch.zeros(x.shape[0], x.shape[1], 2)
+        out[..., 0] = x[:, :1].float()
+        return out
+
+    big = windowed_denoiser(position_net, (4, 6), (2, 2), stride=1)
+    x = torch.arange(24).view(1, 24) % 5
+    out = big(x, torch.ones(1, dtype=torch.long), None)
+    assert out.shape == (1, 24, 2)
+    # position (0, 0) is covered by one window only: the one starting there
+    lp = torch.tensor([float(x[0, 0]), 0.0]).log_softmax(-1)
+    torch.testing.assert_close(out[0, 0], lp)
