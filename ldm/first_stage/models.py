@@ -1,0 +1,281 @@
+"""`VQModel` (VQGAN, Esser et al. 2021) and `AutoencoderKL` (Rombach et al. 2022) on Lightning 2.
+
+State-dict layouts equal taming-transformers' `VQModel` and latent-diffusion's `AutoencoderKL`, so
+their `.ckpt` files load. Both offer one interface to the priors: `encode_to_latent` /
+`decode_latent`, `latent_kind` and `latent_shape()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, drop_keys, load_into, load_state_dict
+from ldm.ema import LitEma, ema_scope
+from ldm.first_stage.distributions import DiagonalGaussianDistribution
+from ldm.first_stage.modules import Decoder, Encoder
+from ldm.first_stage.quantize import VectorQuantizer
+from ldm.util import instantiate_from_config
+
+TRAINING_ONLY = ("loss.",)  # discriminator / perceptual net: absent from inference checkpoints
+
+
+class FirstStageModel(pl.LightningModule):
+    """Encoder/decoder, loss, EMA, checkpoint loading and the two-optimizer GAN step shared by both models."""
+
+    latent_kind: str = ""
+
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
+                 image_key: str = "image", monitor: str | None = None, use_ema: bool = False,
+                 ema_decay: float = 0.9999):
+        super().__init__()
+        self.automatic_optimization = False  # generator and discriminator steps by hand (Lightning 2)
+        self.ddconfig = dict(ddconfig)
+        self.embed_dim = embed_dim
+        self.image_key = image_key
+        self.monitor = monitor
+        self.encoder = Encoder(**self.ddconfig)
+        self.decoder = Decoder(**self.ddconfig)
+        self.loss = instantiate_from_config(lossconfig, key="lossconfig")
+        self.use_ema = use_ema
+        self.ema_decay = ema_decay
+        self.learning_rate = 4.5e-6  # main.py sets it from base_learning_rate
+
+    def finish_init(self, ckpt_path: str | None, ignore_keys: Sequence[str]) -> None:
+        """After the subclass built its modules: the EMA shadow, then weights from `ckpt_path`."""
+        self.model_ema = LitEma(self, decay=self.ema_decay) if self.use_ema else None
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def check_checkpoint_kind(self, state: Mapping[str, torch.Tensor], path: str) -> None:
+        raise NotImplementedError
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
+        state = drop_keys(load_state_dict(path), ignore_keys)
+        self.check_checkpoint_kind(state, path)
+        if self.model_ema is None:
+            state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+        load_into(self, state, source=str(path), allow_missing=TRAINING_ONLY + ("model_ema.",) + tuple(ignore_keys),
+                  allow_unexpected=TRAINING_ONLY)
+        print(f"Restored {type(self).__name__} from {path}")
+
+    # --- shared interface --------------------------------------------------------------------------
+    def latent_shape(self, image_size: int | None = None) -> tuple[int, int]:
+        """(h, w) of the latent grid for square images of `image_size` (default: the config's resolution)."""
+        res = image_size or int(self.ddconfig["resolution"])
+        f = 2 ** (len(self.ddconfig["ch_mult"]) - 1)
+        return res // f, res // f
+
+    def get_input(self, batch: Mapping[str, Any], key: str | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) float; the anchors' (B, H, W, C) layout is converted."""
+        x = batch[key or self.image_key]
+        if x.dim() == 3:
+            x = x[:, None]
+        if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2)
+        return x.to(memory_format=torch.contiguous_format).float()
+
+    def ema_weights(self, enabled: bool = True):
+        return ema_scope(self, self.model_ema, enabled and self.model_ema is not None)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.model_ema is not None:
+            self.model_ema(self)
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        lr = self.learning_rate
+        opt_ae = torch.optim.Adam([p for p in self.autoencoder_parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        return [opt_ae, opt_disc]
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        opt_ae, opt_disc = self.optimizers()
+        x = self.get_input(batch)
+        xrec, aux = self(x)
+        step = self.global_step
+        ae_loss, log_ae = self.loss(aux, x, xrec, 0, step, last_layer=self.decoder.last_layer, split="train")
+        opt_ae.zero_grad()
+        self.manual_backward(ae_loss)
+        opt_ae.step()
+        logs = dict(log_ae)
+        if self.loss.discriminator_active(step):
+            d_loss, log_d = self.loss(aux, x, xrec, 1, step, split="train")
+            opt_disc.zero_grad()
+            self.manual_backward(d_loss)
+            # the raw optimizer: Lightning counts every wrapped step in global_step, and the
+            # anchors' disc_start counts batches
+            opt_disc.optimizer.step()
+            logs.update(log_d)
+        self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        self.log_extra_train_metrics()
+
+    def log_extra_train_metrics(self) -> None:
+        pass
+
+    def _eval_step(self, batch: Mapping[str, Any], split: str) -> None:
+        with self.ema_weights():
+            x = self.get_input(batch)
+            xrec, aux = self(x)
+            _, log_ae = self.loss(aux, x, xrec, 0, self.global_step, split=split)
+            if self.loss.discriminator_active(self.global_step):
+                _, log_d = self.loss(aux, x, xrec, 1, self.global_step, split=split)
+                log_ae.update(log_d)
+        mse = (x - xrec.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+        psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # data range 2 for [-1, 1]
+        self.log(f"{split}/rec_loss", log_ae.pop(f"{split}/rec_loss"), prog_bar=True, sync_dist=True)
+        self.log(f"{split}/psnr", psnr.mean(), prog_bar=True, sync_dist=True)
+        self.log_dict(log_ae, sync_dist=True)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, **kwargs: Any) -> dict[str, torch.Tensor]:
+        x = self.get_input(batch)[:N].to(self.device)
+        out = {"inputs": x, "reconstructions": self(x)[0]}
+        if self.model_ema is not None:
+            with self.ema_weights():
+                out["reconstructions_ema"] = self(x)[0]
+        return out
+
+
+class VQModel(FirstStageModel):
+    """VQGAN: encoder -> 1x1 conv -> vector quantiser -> 1x1 conv -> decoder."""
+
+    latent_kind = "tokens"
+
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
+                 monitor: str | None = None, remap: str | None = None, sane_index_shape: bool = False,
+                 beta: float = 0.25, legacy: bool = True, ema_update: bool = False, decay: float = 0.99,
+                 init_from_data: bool = False, restart_dead_codes: bool = False, dead_threshold: float = 1.0,
+                 l2_normalize: bool = False, codebook_dim: int | None = None, use_ema: bool = False,
+                 ema_decay: float = 0.9999):
+        super().__init__(ddconfig, lossconfig, embed_dim, image_key, monitor, use_ema, ema_decay)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape,
+                                        legacy=legacy, ema_update=ema_update, decay=decay, init_from_data=init_from_data,
+                                        restart_dead_codes=restart_dead_codes, dead_threshold=dead_threshold,
+                                        l2_normalize=l2_normalize, codebook_dim=codebook_dim)
+        z = self.ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(z, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
+        self.finish_init(ckpt_path, ignore_keys)
+
+    @property
+    def n_embed(self) -> int:
+        """Number of token ids the priors see (the remapped count when `remap` is set)."""
+        return int(self.quantize.re_embed)
+
+    def check_checkpoint_kind(self, state: Mapping[str, torch.Tensor], path: str) -> None:
+        if "quantize.embedding.weight" in state:
+            return
+        qc = state.get("quant_conv.weight")
+        if "loss.logvar" in state or (qc is not None and qc.shape[0] == 2 * self.embed_dim):
+            raise CheckpointError(f"{path} is an AutoencoderKL (KL first stage) checkpoint, not a VQModel: it has no "
+                                  "codebook (quantize.embedding.weight). Use ldm.first_stage.models.AutoencoderKL.")
+        raise CheckpointError(f"{path} has no codebook (quantize.embedding.weight): not a VQModel checkpoint")
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quantize.parameters(),
+                *self.quant_conv.parameters(), *self.post_quant_conv.parameters()]
+
+    def encode(self, x: torch.Tensor):
+        """(quant (B, embed_dim, h, w), codebook loss, (perplexity, None, indices))."""
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(quant))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quant, diff, _ = self.encode(x)
+        return self.decode(quant), diff
+
+    def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
+        quant, _, (_, _, ind) = self.encode(x)
+        return ind.reshape(x.shape[0], quant.shape[2], quant.shape[3])  # (B, h, w) long
+
+    def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        b, h, w = idx.shape
+        quant = self.quantize.get_codebook_entry(idx.reshape(b, -1), (b, h, w, self.embed_dim))
+        return self.decode(quant)
+
+    encode_to_latent = encode_to_indices
+    decode_latent = decode_indices
+
+    def log_extra_train_metrics(self) -> None:
+        stats = self.quantize.usage_stats()
+        self.log("train/codebook_usage", stats["usage"], prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/perplexity", stats["perplexity"], on_step=True, on_epoch=False)
+        if self.global_step % 100 == 0:  # usage over the last 100 batches
+            self.quantize.reset_usage()
+
+    def on_validation_epoch_start(self) -> None:
+        self.quantize.reset_usage()
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.quantize.usage_stats()
+        self.log("val/codebook_usage", stats["usage"], sync_dist=True)
+        self.log("val/perplexity", stats["perplexity"], sync_dist=True)
+        self.quantize.reset_usage()
+
+
+class AutoencoderKL(FirstStageModel):
+    """KL-regularised autoencoder with a diagonal Gaussian posterior over (B, embed_dim, h, w)."""
+
+    latent_kind = "continuous"
+
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
+                 monitor: str | None = None, use_ema: bool = False, ema_decay: float = 0.9999):
+        super().__init__(ddconfig, lossconfig, embed_dim, image_key, monitor, use_ema, ema_decay)
+        if not self.ddconfig.get("double_z", True):
+            raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder predicts mean and log-variance)")
+        z = self.ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(2 * z, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
+        self.finish_init(ckpt_path, ignore_keys)
+
+    def check_checkpoint_kind(self, state: Mapping[str, torch.Tensor], path: str) -> None:
+        if "quantize.embedding.weight" in state:
+            raise CheckpointError(f"{path} is a VQModel (VQ first stage) checkpoint, not an AutoencoderKL: it has a "
+                                  "codebook (quantize.embedding.weight). Use ldm.first_stage.models.VQModel.")
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quant_conv.parameters(),
+                *self.post_quant_conv.parameters()]
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True):
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def encode_to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x).mode()  # (B, embed_dim, h, w)
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = super().log_images(batch, N, **kwargs)
+        z = self.encode(out["inputs"]).mode()
+        out["samples"] = self.decode(torch.randn_like(z))
+        return out
