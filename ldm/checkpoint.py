@@ -7,6 +7,7 @@ arbitrary pickle); `.safetensors` files and HF-style sharded safetensors (an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -163,3 +164,12 @@ def instantiate_from_checkpoint(
         ema.copy_to(model)
     model.eval()
     return model, config
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Content hash of a checkpoint: what a latent cache records about the first stage that built it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -8,8 +8,6 @@ process), calls `self.finish_init(ckpt_path, ignore_keys)`, and implements `comp
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,18 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoint import drop_keys, load_into, load_state_dict
+from ldm.data.cache import first_stage_fingerprint
 from ldm.ema import LitEma, ema_scope
 from ldm.util import instantiate_from_config
 
 LATENT_KEYS = {"tokens": "tokens", "continuous": "latent"}
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class LatentPrior(pl.LightningModule):
@@ -90,13 +81,7 @@ class LatentPrior(pl.LightningModule):
 
     def first_stage_fingerprint(self) -> dict[str, Any]:
         """What a latent cache must have been built with to be used by this prior."""
-        fs = self.first_stage_model
-        fp = {"latent_kind": fs.latent_kind, "latent_shape": list(self.latent_shape)}
-        if fs.latent_kind == "tokens":
-            fp["n_embed"] = int(fs.n_embed)
-        if self.first_stage_ckpt and os.path.exists(self.first_stage_ckpt):
-            fp["ckpt_sha256"] = file_sha256(self.first_stage_ckpt)
-        return fp
+        return first_stage_fingerprint(self.first_stage_model, self.first_stage_ckpt, self.latent_shape)
 
     # --- data ---------------------------------------------------------------------------------
     @torch.no_grad()

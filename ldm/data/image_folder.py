@@ -1,0 +1,180 @@
+"""Image-folder datasets for paper-scale data (FFHQ, CelebA-HQ, LSUN, ImageNet layouts).
+
+Files are listed from a folder (recursively) or from a split-list file of relative paths, as the
+anchors ship them. Odd images are converted (grayscale, CMYK, palette, 16-bit, RGBA composited on
+white); unreadable, truncated or oversized files are skipped and counted, never crashing an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+Crop = Literal["center", "random", "none"]
+
+
+class ImageLoadError(Exception):
+    """A file that cannot be used as an image; `reason` is the counter key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on white."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / top * 255.0).clip(0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int, allow_truncated: bool = False) -> Image.Image:
+    """Open and fully decode an image, or raise ImageLoadError with a reason."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError("too_large", f"{path}: {w}x{h} exceeds max_pixels={max_pixels}")
+            previous = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+            try:
+                img.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+            return to_rgb(img)
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        message = str(e).replace(str(path), "")  # the path itself may contain any word
+        reason = "truncated" if "truncated" in message.lower() else "unreadable"
+        raise ImageLoadError(reason, f"{path}: {e}") from e
+
+
+class ImagePaths(Dataset):
+    """Items `{"image": (3, size, size) in [-1, 1], "file_path_": str}` (+ `class_label` when given).
+
+    A bad file is replaced by the next good one and counted in `skipped` (reason -> count).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], size: int, labels: Sequence[int] | None = None,
+                 crop: Crop = "center", flip: bool = False, max_pixels: int = 64_000_000,
+                 allow_truncated: bool = False, root: str | Path | None = None):
+        if crop not in ("center", "random", "none"):
+            raise ValueError(f"crop must be center, random or none; got {crop!r}")
+        if not paths:
+            raise ValueError(f"no images found{f' in {root}' if root else ''}")
+        self.paths = [str(p) for p in paths]
+        self.labels = list(labels) if labels is not None else None
+        self.size, self.crop, self.flip = size, crop, flip
+        self.max_pixels, self.allow_truncated = max_pixels, allow_truncated
+        self.root = root
+        self.skipped: Counter[str] = Counter()
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """Shorter side to `size`, crop to a square, optional flip; (3, size, size) in [-1, 1]."""
+        w, h = img.size
+        s = self.size / min(w, h)
+        if self.crop == "none":
+            img = img.resize((self.size, self.size), Image.BICUBIC)
+        else:
+            img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
+            w, h = img.size
+            if self.crop == "center":
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+            else:
+                left, top = random.randint(0, w - self.size), random.randint(0, h - self.size)
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+        if self.flip and random.random() < 0.5:
+            x = x.flip(-1)
+        return x
+
+    def __getitem__(self, i: int) -> dict:
+        for offset in range(len(self.paths)):
+            j = (i + offset) % len(self.paths)
+            if j in self._bad:
+                continue
+            try:
+                img = load_image(self.paths[j], self.max_pixels, self.allow_truncated)
+            except ImageLoadError as e:
+                self._bad.add(j)
+                self.skipped[e.reason] += 1
+                log.warning("skipping image (%s): %s", e.reason, e)
+                continue
+            item = {"image": self.preprocess(img), "file_path_": self.paths[j]}
+            if self.labels is not None:
+                item["class_label"] = int(self.labels[j])
+            return item
+        raise ValueError(f"every image{f' in {self.root}' if self.root else ''} is unreadable: {dict(self.skipped)}")
+
+    def skip_report(self) -> dict[str, int]:
+        return dict(self.skipped)
+
+
+def list_images(root: str | Path, exts: Sequence[str] = IMAGE_EXTS) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+
+
+def read_split_list(root: str | Path, split_file: str | Path) -> list[Path]:
+    """Relative paths, one per line (taming's ffhqtrain.txt, celebahqtrain.txt, LSUN lists)."""
+    lines = [ln.strip() for ln in Path(split_file).read_text().splitlines() if ln.strip()]
+    return [Path(root) / ln for ln in lines]
+
+
+class ImageFolder(ImagePaths):
+    """All images under `root`, or those a split list names (FFHQ, CelebA-HQ, LSUN)."""
+
+    def __init__(self, root: str, size: int, split_file: str | None = None, crop: Crop = "center",
+                 flip: bool = False, max_pixels: int = 64_000_000, allow_truncated: bool = False):
+        paths = read_split_list(root, split_file) if split_file else list_images(root)
+        super().__init__(paths, size, crop=crop, flip=flip, max_pixels=max_pixels, allow_truncated=allow_truncated,
+                         root=root)
+
+
+class ClassFolder(ImagePaths):
+    """ImageNet layout `root/<synset>/<file>`: the class is the index of the synset folder.
+
+    `synsets` (a text file, one synset per line, or a list) fixes the order; default: sorted folders.
+    """
+
+    def __init__(self, root: str, size: int, synsets: str | Sequence[str] | None = None, crop: Crop = "center",
+                 flip: bool = False, max_pixels: int = 64_000_000, allow_truncated: bool = False):
+        folders = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        if isinstance(synsets, str):
+            synsets = [ln.split()[0] for ln in Path(synsets).read_text().splitlines() if ln.strip()]
+        order = list(synsets) if synsets else folders
+        index = {s: i for i, s in enumerate(order)}
+        paths, labels = [], []
+        for folder in folders:
+            if folder not in index:
+                raise ValueError(f"folder {folder!r} in {root} is not in the synset list")
+            for p in list_images(Path(root) / folder):
+                paths.append(p)
+                labels.append(index[folder])
+        self.synsets = order
+        super().__init__(paths, size, labels=labels, crop=crop, flip=flip, max_pixels=max_pixels,
+                         allow_truncated=allow_truncated, root=root)
