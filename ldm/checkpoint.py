@@ -143,6 +143,15 @@ def config_from_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(config)
 
 
+def _without_ckpt_paths(node: Any) -> Any:
+    """A config with every `ckpt_path` removed: the checkpoint being loaded holds all the weights."""
+    if isinstance(node, Mapping):
+        return {k: _without_ckpt_paths(v) for k, v in node.items() if k != "ckpt_path"}
+    if isinstance(node, list):
+        return [_without_ckpt_paths(v) for v in node]
+    return node
+
+
 def instantiate_from_checkpoint(
     path: str | os.PathLike, config: Mapping[str, Any] | None = None, use_ema: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -153,10 +162,7 @@ def instantiate_from_checkpoint(
     from ldm.util import instantiate_from_config
 
     config = dict(config) if config is not None else config_from_checkpoint(path)
-    model_cfg = dict(config["model"])
-    params = dict(model_cfg.get("params") or {})
-    params.pop("ckpt_path", None)  # the weights come from `path`
-    model = instantiate_from_config({**model_cfg, "params": params}, key="model")
+    model = instantiate_from_config(_without_ckpt_paths(config["model"]), key="model")
     state = load_state_dict(path)
     load_into(model, state, source=str(path), allow_missing=("loss.",), allow_unexpected=("loss.",))
     ema = getattr(model, "model_ema", None)

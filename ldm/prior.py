@@ -83,6 +83,13 @@ class LatentPrior(pl.LightningModule):
         """What a latent cache must have been built with to be used by this prior."""
         return first_stage_fingerprint(self.first_stage_model, self.first_stage_ckpt, self.latent_shape)
 
+    def on_fit_start(self) -> None:
+        """Refuse a latent cache built with another first stage before any step is taken."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for dataset in getattr(datamodule, "datasets", {}).values():
+            if hasattr(dataset, "check_compatible"):
+                dataset.check_compatible(self.first_stage_fingerprint())
+
     # --- data ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
