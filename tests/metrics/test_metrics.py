@@ -1,0 +1,89 @@
+"""Fréchet distance, PSNR and SSIM against closed forms and torchmetrics; the classifier yardstick."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.checkpoint import CheckpointError, export_safetensors
+from ldm.metrics.classifier import (
+    DEFAULT_CLASSIFIER_PATH,
+    FMNISTClassifier,
+    conditional_accuracy,
+    load_classifier,
+)
+from ldm.metrics.first_stage_eval import codebook_stats
+from ldm.metrics.frechet import feature_statistics, frechet_distance
+from ldm.metrics.image import psnr, ssim
+from tests.data.test_fmnist import needs_data
+
+
+def test_frechet_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_of_a_set_with_itself_is_zero_and_matches_torchmetrics():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g)
+    b = torch.randn(500, 8, generator=g) * 1.5 + 0.3
+    mu, s = feature_statistics(a)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-6)
+    ours = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    tm = pytest.importorskip("torchmetrics.image.fid")
+    ref = tm._compute_fid(a.double().mean(0), torch.cov(a.double().T), b.double().mean(0), torch.cov(b.double().T))
+    assert ours == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_psnr_closed_form_and_ssim_against_torchmetrics():
+    x = torch.zeros(2, 1, 16, 16)
+    y = x + 0.1  # mse 0.01 on a range of 2: 10 log10(4 / 0.01)
+    torch.testing.assert_close(psnr(x, y), torch.full((2,), 10 * np.log10(400.0), dtype=torch.float32))
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 1, 32, 32, generator=g) * 2 - 1
+    b = (a + 0.2 * torch.randn(3, 1, 32, 32, generator=g)).clamp(-1, 1)
+    assert torch.allclose(ssim(a, a), torch.ones(3))
+    tmf = pytest.importorskip("torchmetrics.functional.image")
+    ref = tmf.structural_similarity_index_measure(b, a, data_range=2.0, reduction="none")
+    # torchmetrics also averages the border windows of a reflect-padded image; ours keeps the
+    # valid windows only (Wang et al.'s reference code), so pad by the window radius to compare
+    pad = lambda t: torch.nn.functional.pad(t, (5, 5, 5, 5), mode="reflect")  # noqa: E731
+    torch.testing.assert_close(ssim(pad(b), pad(a)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_codebook_stats():
+    stats = codebook_stats(torch.tensor([[0, 0], [1, 2]]), n_embed=8)
+    assert stats["codebook_usage"] == 3 / 8
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert stats["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+
+
+def test_classifier_round_trip_and_errors(tmp_path):
+    net = FMNISTClassifier().eval()
+    export_safetensors(net.state_dict(), tmp_path / "c.safetensors")
+    loaded = load_classifier(tmp_path / "c.safetensors")
+    x = torch.rand(2, 1, 28, 28) * 2 - 1  # 28x28 is padded to 32x32
+    torch.testing.assert_close(loaded.features(x), net.features(x))
+    assert loaded.features(x).shape == (2, 128) and loaded(x).shape == (2, 10)
+    with pytest.raises(FileNotFoundError, match="scripts/train_classifier.py"):
+        load_classifier(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="grayscale"):
+        net(torch.zeros(1, 3, 32, 32))
+    export_safetensors({"x": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="missing key"):
+        load_classifier(tmp_path / "bad.safetensors")
+
+
+@needs_data
+def test_committed_classifier_is_accurate():
+    if not DEFAULT_CLASSIFIER_PATH.exists():
+        pytest.skip("data/fmnist_classifier.safetensors not trained")
+    from ldm.data.fmnist import FashionMNIST
+
+    test = FashionMNIST("test", limit=1000)
+    x = torch.stack([test[i]["image"] for i in range(1000)])
+    y = torch.from_numpy(test.labels.astype("int64"))
+    assert conditional_accuracy(load_classifier(), x, y) > 0.9
