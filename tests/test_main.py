@@ -104,3 +104,24 @@ def test_parse_gpus():
     assert parse_gpus("0,") == [0]
     assert parse_gpus("0,1") == [0, 1]
     assert parse_gpus("") is None and parse_gpus(None) is None
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    from ldm.callbacks import RNGStateCallback
+
+    cb = RNGStateCallback()
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    state = cb.state_dict()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    cb.load_state_dict(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import glob
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,13 @@ def test_train_with_main_then_sample_from_checkpoint(tmp_path):
     model, _ = instantiate_from_checkpoint(ckpt)
     images = model.sample(2, cond=3, steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 1, 16, 16)
+    repo = CFG.parents[2]
+    subprocess.run([sys.executable, "scripts/sample.py", "-r", ckpt, "--per-class", "1", "steps=2",
+                    "--out", str(tmp_path / "grid.png")], cwd=repo, check=True, capture_output=True)
+    assert (tmp_path / "grid.png").exists()
+    bench = subprocess.run([sys.executable, "scripts/benchmark.py", "-r", ckpt, "--batch", "4", "--steps", "2",
+                            "--repeats", "1"], cwd=repo, check=True, capture_output=True, text=True).stdout
+    assert json.loads(bench[bench.index("{"):])["step_over_forward"] > 0
 
 
 def test_larger_than_training_samples():

@@ -87,3 +87,23 @@ def test_committed_classifier_is_accurate():
     x = torch.stack([test[i]["image"] for i in range(1000)])
     y = torch.from_numpy(test.labels.astype("int64"))
     assert conditional_accuracy(load_classifier(), x, y) > 0.9
+
+
+def test_prior_evaluation_helpers():
+    from ldm.metrics.prior_eval import generate, sample_scores, sweep
+
+    class FakePrior:
+        device = torch.device("cpu")
+
+        def sample(self, n, cond=None, generator=None, temperature=1.0):
+            return torch.rand(n, 1, 32, 32, generator=generator) * 2 - 1
+
+    images, labels = generate(FakePrior(), 25, num_classes=10, batch_size=10, progress=False, temperature=0.5)
+    assert images.shape == (25, 1, 32, 32) and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    again, _ = generate(FakePrior(), 25, num_classes=10, batch_size=10, progress=False)
+    assert torch.equal(images, again)  # seeded per batch
+    net = FMNISTClassifier().eval()
+    ref = feature_statistics(net.features(torch.rand(40, 1, 32, 32) * 2 - 1).detach())
+    scores = sample_scores(images, labels, net, ref)
+    assert set(scores) == {"FD_fmnist", "conditional_accuracy"} and scores["FD_fmnist"] >= 0
+    assert sweep({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]

@@ -1,0 +1,65 @@
+"""Scores of a class-conditional prior on Fashion-MNIST: conditional accuracy, FD_fmnist, likelihood."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ldm.metrics.classifier import FMNISTClassifier, classifier_outputs
+from ldm.metrics.frechet import feature_statistics, frechet_distance
+
+
+@torch.no_grad()
+def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100, seed: int = 0,
+             progress: bool = True, **sampler_kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`n` samples (classes in turn when conditional) and their labels, seeded per batch."""
+    images, labels = [], []
+    for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress):
+        b = min(batch_size, n - start)
+        cond = torch.arange(start, start + b) % num_classes if num_classes else None
+        g = torch.Generator(device=prior.device).manual_seed(seed + start)
+        images.append(prior.sample(b, cond=cond, generator=g, **sampler_kw).cpu())
+        if cond is not None:
+            labels.append(cond)
+    return torch.cat(images), (torch.cat(labels) if labels else None)
+
+
+def dataset_images(dataset: Dataset, limit: int | None = None, batch_size: int = 500) -> torch.Tensor:
+    if limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    return torch.cat([b["image"] for b in DataLoader(dataset, batch_size=batch_size)])
+
+
+def sample_scores(images: torch.Tensor, labels: torch.Tensor | None, classifier: FMNISTClassifier,
+                  reference_stats: tuple[Any, Any]) -> dict[str, float]:
+    feats, preds = classifier_outputs(classifier, images)
+    out = {"FD_fmnist": frechet_distance(*feature_statistics(feats), *reference_stats)}
+    if labels is not None:
+        out["conditional_accuracy"] = float((preds == labels).float().mean())
+    return out
+
+
+@torch.no_grad()
+def elbo_bits(prior: Any, dataset: Dataset, batch_size: int = 250, limit: int | None = None, seed: int = 0,
+              progress: bool = True) -> float:
+    """Mean `prior.nll` (bits per latent dimension) over a split of cached latents or images."""
+    if limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    total, count = 0.0, 0
+    for i, batch in enumerate(tqdm(DataLoader(dataset, batch_size=batch_size), desc="ELBO", disable=not progress)):
+        batch = {k: v.to(prior.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        bits = prior.nll(batch, generator=torch.Generator(device=prior.device).manual_seed(seed + i))
+        total += float(bits.sum())
+        count += len(bits)
+    return total / count
+
+
+def sweep(settings: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """All combinations of sampler settings, e.g. {"temperature": [1, .9], "steps": [16, 64]}."""
+    keys = list(settings)
+    return [dict(zip(keys, values)) for values in itertools.product(*(settings[k] for k in keys))]

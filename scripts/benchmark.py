@@ -1,0 +1,84 @@
+"""Sampling overhead of a prior: time per sampling step over one bare denoiser forward on the same batch.
+
+    python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --batch 64 --steps 32
+    python scripts/benchmark.py --config configs/absorbing/fmnist.yaml    # random weights, same shapes
+
+Both timings come from one run, interleaved, so the ratio holds on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("-r", "--resume")
+    g.add_argument("--config")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resume:
+        prior, _ = instantiate_from_checkpoint(args.resume)
+    else:
+        cfg = OmegaConf.to_container(OmegaConf.load(args.config).model, resolve=True)
+        prior = instantiate_from_config(_without_ckpt_paths(cfg), key="model").eval()
+    n, steps = args.batch, args.steps
+    cond = torch.arange(n) % prior.num_classes if prior.num_classes else None
+    h, w = prior.latent_shape[-2:]
+    x = torch.full((n, h * w), prior.process.mask_id, dtype=torch.long)
+    t = torch.full((n,), prior.process.num_timesteps // 2, dtype=torch.long)
+    if args.guidance != 1.0 and cond is not None:  # the guided step runs the conditional and null batch together
+        x, t, c = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, prior.null_cond(n)])
+    else:
+        c = cond
+
+    def forward():
+        prior.denoise(x, t, c)
+
+    def sampling():
+        prior.sample_latents(n, cond, torch.Generator().manual_seed(0), steps=steps, guidance_scale=args.guidance)
+
+    forward(), sampling()  # warm-up
+    fwd, samp = [], []
+    for _ in range(args.repeats):  # interleaved so drift affects both
+        fwd.append(timed(forward, 3))
+        samp.append(timed(sampling, 1) / steps)
+    result = {"batch": n, "steps": steps, "guidance": args.guidance, "threads": torch.get_num_threads(),
+              "forward_s": statistics.median(fwd), "step_s": statistics.median(samp)}
+    result["step_over_forward"] = result["step_s"] / result["forward_s"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Sample a grid from any trained prior; the checkpoint carries its config.
+
+    python scripts/sample.py -r logs/<prior run>/checkpoints/last.ckpt --per-class 8 --steps 32 --guidance_scale 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+import yaml
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py")
+    p.add_argument("-n", "--num", type=int, default=16, help="samples (unconditional, or with --cond)")
+    p.add_argument("--cond", type=int, default=None, help="one class label for every sample")
+    p.add_argument("--per-class", type=int, default=0, help="a row of this many samples per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the trained instead of the EMA weights")
+    p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")
+    p.add_argument("kw", nargs="*", help="sampler options as key=value, e.g. steps=32 temperature=0.9 shape=[12,12]")
+    args, extra = p.parse_known_args()
+    sampler_kw = {}
+    for item in args.kw + [e.lstrip("-") for e in extra]:
+        if "=" not in item:
+            raise SystemExit(f"sampler options look like key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        sampler_kw[k] = yaml.safe_load(v)
+    prior, _ = instantiate_from_checkpoint(args.resume)
+    if args.per_class:
+        if not prior.num_classes:
+            raise SystemExit("--per-class needs a class-conditional prior")
+        cond = torch.arange(prior.num_classes).repeat_interleave(args.per_class)
+        nrow = args.per_class
+    else:
+        cond = None if args.cond is None else torch.full((args.num,), args.cond)
+        nrow = int(args.num**0.5)
+    n = len(cond) if cond is not None else args.num
+    bar = tqdm(desc="sampling")
+
+    def progress(info: dict) -> None:
+        bar.total = info.get("steps")
+        bar.update(1)
+
+    images = prior.sample(n, cond=cond, generator=torch.Generator().manual_seed(args.seed), use_ema=not args.no_ema,
+                          callback=progress, **sampler_kw)
+    bar.close()
+    out = Path(args.out) if args.out else Path(args.resume).with_name(f"samples_seed{args.seed}.png")
+    torchvision.utils.save_image((torchvision.utils.make_grid(images, nrow=nrow) + 1) / 2, out)
+    print(f"wrote {out} ({n} samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
