@@ -46,18 +46,19 @@ class _Block(nn.Module):
 class UnleashingTransformer(nn.Module):
     """`forward(x (B, N) long, t=None, cond=None) -> logits (B, N, K)`; t and cond are not used."""
 
-    def __init__(self, codebook_size: int, block_size: int, n_embd: int = 512, n_head: int = 8,
+    def __init__(self, vocab_size: int, seq_len: int, n_embd: int = 512, n_head: int = 8,
                  n_layer: int = 24, dropout: float = 0.0):
+        """`vocab_size` is the codebook size K (the original's `codebook_size`), `seq_len` its `block_size`."""
         super().__init__()
-        self.vocab_size, self.seq_len = codebook_size, block_size
+        self.vocab_size, self.seq_len = vocab_size, seq_len
         self.num_classes = None
-        self.tok_emb = nn.Embedding(codebook_size + 1, n_embd)  # + the mask token
-        self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
+        self.tok_emb = nn.Embedding(vocab_size + 1, n_embd)  # + the mask token
+        self.pos_emb = nn.Parameter(torch.zeros(1, seq_len, n_embd))
         self.start_tok = nn.Parameter(torch.zeros(1, 1, n_embd))  # unused by the bidirectional model
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.Sequential(*[_Block(n_embd, n_head, dropout) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, codebook_size, bias=False)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
 
     @property
     def null_class(self) -> None:
@@ -66,3 +67,21 @@ class UnleashingTransformer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.drop(self.tok_emb(x) + self.pos_emb[:, : x.shape[1]])  # (B, N, D)
         return self.head(self.ln_f(self.blocks(h)))
+
+
+def paper_parameter_count(vocab_size: int, seq_len: int, n_embd: int, n_layer: int) -> int:
+    """Parameters of the paper's denoiser, from its architecture (for checking configs)."""
+    d = n_embd
+    per_layer = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)  # 2 LN, q/k/v/proj, MLP
+    return (vocab_size + 1) * d + seq_len * d + d + n_layer * per_layer + 2 * d + d * vocab_size
+
+
+def convert_sampler_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original `AbsorbingDiffusion` checkpoint (`_denoise_fn.*`, `Lt_history`, ...) in our prior's keys."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("_denoise_fn."):
+            out["model." + k[len("_denoise_fn."):]] = v
+        elif k in ("Lt_history", "Lt_count", "loss_history"):
+            out["process." + k] = v
+    return out

@@ -15,7 +15,7 @@ from tests.absorbing.test_process import FIXTURE
 def test_original_denoiser_logits():
     if not FIXTURE.exists():
         pytest.skip(f"reference fixtures not found at {FIXTURE}")
-    net = UnleashingTransformer(codebook_size=16, block_size=16, n_embd=32, n_head=4, n_layer=2).eval()
+    net = UnleashingTransformer(vocab_size=16, seq_len=16, n_embd=32, n_head=4, n_layer=2).eval()
     load_into(net, load_state_dict(FIXTURE / "state_dict.safetensors"), source="unleashing fixture")
     io = load_file(str(FIXTURE / "io.safetensors"))
     with torch.no_grad():
@@ -41,3 +41,13 @@ def test_token_transformer_conditioning():
         net(x, None, None)
     with pytest.raises(ValueError, match="longer than the trained 6"):
         net(torch.zeros(1, 7, dtype=torch.long), t[:1])
+
+
+def test_paper_parameter_count_matches_the_original_layout():
+    import json
+
+    from absorbing.unleashing import paper_parameter_count
+
+    layout = json.loads((FIXTURE / "config.json").read_text())["state_dict_layout"]
+    original = sum(torch.Size(shape).numel() for _, shape, _ in layout)
+    assert paper_parameter_count(16, 16, 32, 2) == original
