@@ -107,6 +107,11 @@ class SignalCheckpoint(pl.Callback):
             print(f"Saved {path} at step {trainer.global_step}; stopping.", flush=True)
             trainer.should_stop = True
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training stopped (max_steps, max_time, a signal): `last.ckpt` holds the final state."""
+        if trainer.global_rank == 0 and trainer.global_step > 0:
+            trainer.save_checkpoint(os.path.join(self.ckptdir, "last.ckpt"))
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.global_rank != 0 or trainer.global_step == 0 or trainer.state.fn != "fit":
             return

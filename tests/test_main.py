@@ -85,6 +85,13 @@ def test_exception_saves_checkpoint(toy_config, tmp_path):
     assert ckpt["global_step"] == 3
 
 
+def test_time_limit_keeps_the_final_state(toy_config, tmp_path):
+    logroot = str(tmp_path / "logs")
+    run(["--base", toy_config, "-t", "--no-test", "-l", logroot, "lightning.checkpoint_every_n_steps=4",
+         "lightning.trainer.max_steps=7"])
+    assert read_checkpoint(f"{only_run(logroot)}/checkpoints/last.ckpt")["global_step"] == 7
+
+
 def test_bad_override_names_key(toy_config, tmp_path):
     with pytest.raises(ConfigError, match=r"model.params: tests.toy.ToyAutoencoder does not accept 'sise'"):
         run(["--base", toy_config, "-t", "-l", str(tmp_path), "model.params.sise=8"])
