@@ -129,7 +129,8 @@ class FirstStageModel(pl.LightningModule):
             if self.loss.discriminator_active(self.global_step):
                 _, log_d = self.loss(aux, x, xrec, 1, self.global_step, split=split)
                 log_ae.update(log_d)
-        mse = (x - xrec.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+            recon = self.decode_latent(self.encode_to_latent(x))  # deterministic: the posterior mode for KL
+        mse = (x - recon.clamp(-1, 1)).pow(2).flatten(1).mean(1)
         psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # data range 2 for [-1, 1]
         self.log(f"{split}/rec_loss", log_ae.pop(f"{split}/rec_loss"), prog_bar=True, sync_dist=True)
         self.log(f"{split}/psnr", psnr.mean(), prog_bar=True, sync_dist=True)
