@@ -47,7 +47,9 @@ def test_paper_parameter_count_matches_the_original_layout():
     import json
 
     from absorbing.unleashing import paper_parameter_count
+    from tests.fixture_paths import fixture_dir
 
-    layout = json.loads((FIXTURE / "config.json").read_text())["state_dict_layout"]
+    root = fixture_dir("unleashing-transformers", "absorbing_transformer")
+    layout = json.loads((root / "config.json").read_text())["state_dict_layout"]
     original = sum(torch.Size(shape).numel() for _, shape, _ in layout)
     assert paper_parameter_count(16, 16, 32, 2) == original

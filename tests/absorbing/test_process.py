@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from absorbing.process import AbsorbingDiffusion
+from tests.fixture_paths import FIXTURES, fixture_dir
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared/fixtures/unleashing-transformers/absorbing_transformer"
+FIXTURE = FIXTURES / "unleashing-transformers" / "absorbing_transformer"
 
 
 @pytest.fixture(scope="module")
 def io():
-    if not FIXTURE.exists():
-        pytest.skip(f"reference fixtures not found at {FIXTURE}")
-    return load_file(str(FIXTURE / "io.safetensors"))
+    return load_file(str(fixture_dir("unleashing-transformers", "absorbing_transformer") / "io.safetensors"))
 
 
 @pytest.mark.parametrize("schedule", ["random", "fixed"])
