@@ -32,7 +32,7 @@ def train(config: str, steps: int, logroot: str, name: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=str(REPO / "configs/first_stage/fmnist_vq.yaml"))
-    p.add_argument("--steps", type=int, default=1000, help="training steps of the first stage")
+    p.add_argument("--steps", type=int, default=600, help="training steps of the first stage")
     p.add_argument("--logdir", default=str(REPO / "logs"))
     p.add_argument("--out", default=str(REPO / "outputs/demo"))
     p.add_argument("--eval-limit", type=int, default=2000, help="test images to evaluate")
