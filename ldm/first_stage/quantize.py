@@ -1,7 +1,8 @@
 """Vector quantisation with taming-transformers' `VectorQuantizer2` semantics, plus what stops
 codebook collapse: EMA codebook updates (van den Oord et al. 2017, App. A.1), initialisation from
-data, dead-code restarts (Dhariwal et al. 2020), l2-normalised and low-dimensional lookup (Yu et al.
-2022, ViT-VQGAN). Each extra is off by default; off, the state dict is taming's (`embedding.weight`).
+data and dead-code restarts (Dhariwal et al. 2020, Jukebox), l2-normalised and low-dimensional
+lookup (Yu et al. 2022, ViT-VQGAN). Each extra is off by default; off, the state dict is taming's
+(`embedding.weight`, plus `used` with `remap`) and the numbers are taming's.
 """
 
 from __future__ import annotations
@@ -10,12 +11,62 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place, so every rank makes the same codebook update."""
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def _broadcast_(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (random picks from data must agree across ranks)."""
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def load_used_codes(remap: str | Path, n_e: int) -> torch.Tensor:
+    """The 1-D integer array of used code indices in a `remap` .npy file, checked against `n_e`."""
+    path = Path(remap)
+    if not path.is_file():
+        raise FileNotFoundError(f"codebook remap file not found: {remap} (expected a .npy file holding the "
+                                f"1-D array of used code indices in [0, {n_e}))")
+    try:
+        used = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"codebook remap file {remap} is not a readable .npy array: {e}") from e
+    if used.ndim != 1 or used.size == 0 or not np.issubdtype(used.dtype, np.integer):
+        raise ValueError(f"codebook remap file {remap} must hold a non-empty 1-D integer array of used code "
+                         f"indices; found shape {used.shape} and dtype {used.dtype}")
+    if used.min() < 0 or used.max() >= n_e:
+        raise ValueError(f"codebook remap file {remap} has indices outside [0, {n_e}) for n_e={n_e}: "
+                         f"min {used.min()}, max {used.max()}")
+    return torch.from_numpy(used.copy())  # taming keeps the file's dtype; so do we (same state dict)
+
+
 class VectorQuantizer(nn.Module):
-    """z (B, C, H, W) -> (z_q, loss, (perplexity, None, indices)) with a straight-through gradient."""
+    """Nearest-code quantiser with a straight-through gradient.
+
+    forward: z (B, e_dim, H, W) -> (z_q (B, e_dim, H, W), loss, (perplexity, None, indices)); indices
+    are (B*H*W,) long, (B*H*W, 1) with `remap`, or (B, H, W) with `sane_index_shape`.
+    loss (legacy, taming's default): mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2);
+    legacy=False puts beta on the first (commitment) term; with `ema_update` only beta * commitment.
+
+    Options (all off by default): `ema_update` (codebook = EMA of assigned vectors with Laplace
+    smoothing, `decay`, `eps`; no codebook gradient), `init_from_data` (first training batch seeds
+    the codebook), `restart_dead_codes` (codes whose running usage, an EMA with `decay` of per-batch
+    counts, falls below `dead_threshold` are moved onto random encoder outputs), `l2_normalize`
+    (cosine-similarity lookup), `codebook_dim` (lookup in a learned low-dimensional projection).
+    """
 
     def __init__(
         self,
@@ -36,49 +87,64 @@ class VectorQuantizer(nn.Module):
         codebook_dim: int | None = None,
     ):
         super().__init__()
+        if n_e < 1 or e_dim < 1:
+            raise ValueError(f"n_e and e_dim must be positive; got n_e={n_e}, e_dim={e_dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1); got {decay}")
+        if codebook_dim is not None and codebook_dim < 1:
+            raise ValueError(f"codebook_dim must be a positive int or None; got {codebook_dim}")
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
         self.sane_index_shape = sane_index_shape
         self.ema_update, self.decay, self.eps = ema_update, decay, eps
         self.init_from_data, self.restart_dead_codes = init_from_data, restart_dead_codes
         self.dead_threshold, self.l2_normalize = dead_threshold, l2_normalize
+
+        # factorised codes (ViT-VQGAN): look up in codebook_dim, project back to e_dim
         self.codebook_dim = codebook_dim or e_dim
-        if codebook_dim and codebook_dim != e_dim:
-            self.in_proj = nn.Linear(e_dim, codebook_dim)
-            self.out_proj = nn.Linear(codebook_dim, e_dim)
-        else:
-            self.in_proj = self.out_proj = None
+        self.in_proj: nn.Linear | None = None
+        self.out_proj: nn.Linear | None = None
+        if self.codebook_dim != e_dim:
+            self.in_proj = nn.Linear(e_dim, self.codebook_dim)
+            self.out_proj = nn.Linear(self.codebook_dim, e_dim)
+
         self.embedding = nn.Embedding(n_e, self.codebook_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
         if ema_update:
             self.embedding.weight.requires_grad_(False)
-            self.register_buffer("ema_cluster_size", torch.zeros(n_e))
+            # embedding.weight == ema_embed_sum / ema_cluster_size holds from the start
+            self.register_buffer("ema_cluster_size", torch.ones(n_e))
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         if init_from_data:
-            self.register_buffer("initialized", torch.tensor(0.0))
+            self.register_buffer("initialized", torch.tensor(0.0))  # saved, so a resumed run does not re-seed
         if restart_dead_codes:
-            self.register_buffer("code_usage", torch.ones(n_e) * max(dead_threshold, 1.0) * 2)
-        # counts since the last `reset_usage()`: for logging, not part of the checkpoint layout
+            # start above the threshold: a code gets about log(2)/(1-decay) steps before it counts as dead
+            self.register_buffer("code_usage", torch.full((n_e,), 2.0 * max(dead_threshold, 1.0)))
+        # assignment counts since the last reset_usage(): for logging, not part of the checkpoint layout
         self.register_buffer("usage_counts", torch.zeros(n_e), persistent=False)
 
         self.remap = remap
+        self.unknown_index = unknown_index
         if remap is not None:
-            if not Path(remap).exists():
-                raise FileNotFoundError(f"codebook remap file not found: {remap} (a .npy of used code indices)")
-            self.register_buffer("used", torch.tensor(np.load(remap)).long())
+            self.register_buffer("used", load_used_codes(remap, n_e))
             self.re_embed = int(self.used.shape[0])
-            self.unknown_index = unknown_index
             if unknown_index == "extra":
                 self.unknown_index = self.re_embed
                 self.re_embed += 1
+            elif unknown_index != "random" and not (
+                    isinstance(unknown_index, int) and not isinstance(unknown_index, bool)
+                    and 0 <= unknown_index < self.re_embed):
+                raise ValueError(f"unknown_index must be 'random', 'extra' or an int in [0, {self.re_embed}); "
+                                 f"got {unknown_index!r}")
         else:
             self.re_embed = n_e
 
-    # --- remapping (taming's semantics) ---------------------------------------------------------
+    # --- remapping to the used codes (taming's semantics) ----------------------------------------
     def remap_to_used(self, inds: torch.Tensor) -> torch.Tensor:
+        """Codebook indices (B, ...) -> positions in `used`; codes outside it get `unknown_index`."""
         ishape = inds.shape
-        inds = inds.reshape(ishape[0], -1)
+        inds = inds.reshape(ishape[0], -1)  # (B, n)
         used = self.used.to(inds)
-        match = (inds[:, :, None] == used[None, None, ...]).long()
+        match = (inds[:, :, None] == used[None, None, :]).long()  # (B, n, n_used)
         new = match.argmax(-1)
         unknown = match.sum(2) < 1
         if self.unknown_index == "random":
@@ -88,118 +154,149 @@ class VectorQuantizer(nn.Module):
         return new.reshape(ishape)
 
     def unmap_to_all(self, inds: torch.Tensor) -> torch.Tensor:
+        """Positions in `used` (B, ...) -> codebook indices; the 'extra' token maps to used[0]."""
         ishape = inds.shape
-        inds = inds.reshape(ishape[0], -1)
+        inds = inds.reshape(ishape[0], -1)  # (B, n)
         used = self.used.to(inds)
-        if self.re_embed > used.shape[0]:  # the extra token maps to code 0
-            inds = inds.clone()
-            inds[inds >= used.shape[0]] = 0
+        if self.re_embed > used.shape[0]:
+            inds = inds.masked_fill(inds >= used.shape[0], 0)  # taming does this in place on the caller's tensor
         return torch.gather(used[None, :].expand(inds.shape[0], -1), 1, inds).reshape(ishape)
 
     # --- lookup ---------------------------------------------------------------------------------
     def codebook(self) -> torch.Tensor:
+        """The code vectors used for lookup, (n_e, codebook_dim); unit length with `l2_normalize`."""
         w = self.embedding.weight
         return F.normalize(w, dim=1) if self.l2_normalize else w
 
-    def _nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
-        e = self.codebook()
-        d = z_flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z_flat @ e.t()  # (N, n_e)
-        return d.argmin(1)
+    @staticmethod
+    def nearest(z_flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """argmin_k |z - e_k|^2 by the expanded distance (taming's formula, so ties break alike). (N,)"""
+        d = (z_flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :]
+             - 2.0 * z_flat @ codebook.t())  # (N, n_e)
+        return d.argmin(dim=1)
+
+    @torch.no_grad()
+    def _random_rows(self, z_flat: torch.Tensor, n: int) -> torch.Tensor:
+        """n rows of z_flat drawn with replacement, identical on every rank. (n, D)"""
+        pick = torch.randint(0, z_flat.shape[0], (n,), device=z_flat.device)
+        return _broadcast_(z_flat[pick].contiguous())
 
     @torch.no_grad()
     def _init_codebook(self, z_flat: torch.Tensor) -> None:
-        idx = torch.randint(0, z_flat.shape[0], (self.n_e,), device=z_flat.device)
-        self.embedding.weight.data.copy_(z_flat[idx])
+        rows = self._random_rows(z_flat, self.n_e)  # (n_e, D)
+        self.embedding.weight.data.copy_(rows)
         if self.ema_update:
-            self.ema_embed_sum.copy_(z_flat[idx])
+            self.ema_embed_sum.copy_(rows)
             self.ema_cluster_size.fill_(1.0)
         self.initialized.fill_(1.0)
 
     @torch.no_grad()
-    def _ema_step(self, z_flat: torch.Tensor, onehot: torch.Tensor) -> None:
-        counts = onehot.sum(0)
-        sums = onehot.t() @ z_flat  # (n_e, D)
-        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+    def _restart_dead(self, z_flat: torch.Tensor) -> None:
+        """Move codes whose running usage is below `dead_threshold` onto random vectors of this batch."""
+        dead = self.code_usage < self.dead_threshold  # (n_e,)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        rows = self._random_rows(z_flat, n_dead)  # (n_dead, D)
+        self.embedding.weight.data[dead] = rows
+        if self.ema_update:
+            self.ema_embed_sum[dead] = rows
+            self.ema_cluster_size[dead] = 1.0
+        self.code_usage[dead] = 2.0 * max(self.dead_threshold, 1.0)  # time to be picked before the next check
+
+    @torch.no_grad()
+    def _ema_step(self, z_flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
+        """N_k <- d N_k + (1-d) n_k; m_k <- d m_k + (1-d) sum_{i: idx_i = k} z_i; e_k = m_k / N~_k (smoothed)."""
+        sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, idx, z_flat.to(self.ema_embed_sum.dtype))
+        _all_reduce_sum_(sums)  # (n_e, D)
+        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.ema_embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         n = self.ema_cluster_size.sum()
         size = (self.ema_cluster_size + self.eps) / (n + self.n_e * self.eps) * n  # Laplace smoothing
         self.embedding.weight.data.copy_(self.ema_embed_sum / size[:, None])
 
-    @torch.no_grad()
-    def _restart(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
-        self.code_usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        dead = self.code_usage < self.dead_threshold
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        pick = torch.randint(0, z_flat.shape[0], (n_dead,), device=z_flat.device)
-        self.embedding.weight.data[dead] = z_flat[pick]
-        if self.ema_update:
-            self.ema_embed_sum[dead] = z_flat[pick]
-            self.ema_cluster_size[dead] = 1.0
-        self.code_usage[dead] = self.dead_threshold * 2  # give restarted codes time to be used
-
-    def forward(self, z: torch.Tensor):
-        z = z.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+    def forward(self, z: torch.Tensor, temp: float | None = None, rescale_logits: bool = False,
+                return_logits: bool = False):
+        """z (B, e_dim, H, W) -> (z_q, loss, (perplexity, None, indices)); the extra arguments exist only
+        for interface compatibility with taming's Gumbel quantiser, as in `VectorQuantizer2`."""
+        if (temp is not None and temp != 1.0) or rescale_logits or return_logits:
+            raise ValueError("temp, rescale_logits and return_logits are only for interface compatibility with "
+                             "taming's GumbelQuantize; VectorQuantizer supports temp=None or 1.0 only")
+        if z.dim() != 4 or z.shape[1] != self.e_dim:
+            raise ValueError(f"expected z of shape (B, {self.e_dim}, H, W); got {tuple(z.shape)}")
+        z = z.permute(0, 2, 3, 1).contiguous()  # (B, H, W, e_dim)
         z_in = self.in_proj(z) if self.in_proj is not None else z  # (B, H, W, D)
-        z_flat = z_in.reshape(-1, self.codebook_dim)
         if self.l2_normalize:
-            z_flat = F.normalize(z_flat, dim=1)
-            z_in = z_flat.view(z_in.shape)
-        if self.training and self.init_from_data and not bool(self.initialized):
-            self._init_codebook(z_flat.detach())
-        idx = self._nearest(z_flat.detach())  # (N,)
-        z_q = self.codebook()[idx].view(z_in.shape)
+            z_in = F.normalize(z_in, dim=-1)
+        z_flat = z_in.reshape(-1, self.codebook_dim)  # (N, D), N = B*H*W
 
-        onehot = F.one_hot(idx, self.n_e).type_as(z_flat)  # (N, n_e)
-        counts = onehot.sum(0).detach()
-        self.usage_counts += counts
-        if self.training and self.ema_update:
-            self._ema_step(z_flat.detach(), onehot.detach())
+        if self.training:  # codebook surgery happens before the codebook enters the graph
+            if self.init_from_data and not bool(self.initialized):
+                self._init_codebook(z_flat.detach())
+            if self.restart_dead_codes:
+                self._restart_dead(z_flat.detach())
+
+        codebook = self.codebook()  # (n_e, D)
+        with torch.no_grad():
+            idx = self.nearest(z_flat.detach(), codebook.detach())  # (N,)
+        z_q = F.embedding(idx, codebook).view(z_in.shape)  # (B, H, W, D)
+
+        commitment = torch.mean((z_q.detach() - z_in) ** 2)
         if self.ema_update:
-            loss = self.beta * torch.mean((z_q.detach() - z_in) ** 2)
+            loss = self.beta * commitment
         elif self.legacy:
-            loss = torch.mean((z_q.detach() - z_in) ** 2) + self.beta * torch.mean((z_q - z_in.detach()) ** 2)
+            loss = commitment + self.beta * torch.mean((z_q - z_in.detach()) ** 2)
         else:
-            loss = self.beta * torch.mean((z_q.detach() - z_in) ** 2) + torch.mean((z_q - z_in.detach()) ** 2)
-        if self.training and self.restart_dead_codes:
-            self._restart(z_flat.detach(), counts)
+            loss = self.beta * commitment + torch.mean((z_q - z_in.detach()) ** 2)
 
-        z_q = z_in + (z_q - z_in).detach()  # straight-through
-        if self.out_proj is not None:
-            z_q = self.out_proj(z_q)
-        z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-
+        counts = torch.bincount(idx, minlength=self.n_e).to(z_flat.dtype)  # (n_e,) this rank's batch
+        self.usage_counts += counts
         probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        perplexity = torch.exp(-torch.sum(probs * torch.log(probs + 1e-10)))
+        if self.training and (self.ema_update or self.restart_dead_codes):
+            global_counts = _all_reduce_sum_(counts.clone())
+            if self.ema_update:
+                self._ema_step(z_flat.detach(), idx, global_counts)
+            if self.restart_dead_codes:
+                self.code_usage.mul_(self.decay).add_(global_counts, alpha=1.0 - self.decay)
+
+        z_q = z_in + (z_q - z_in).detach()  # straight-through estimator
+        if self.out_proj is not None:
+            z_q = self.out_proj(z_q)  # (B, H, W, e_dim)
+        z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, e_dim, H, W)
+
         indices = idx
         if self.remap is not None:
-            indices = self.remap_to_used(idx.reshape(z.shape[0], -1)).reshape(-1, 1)
+            indices = self.remap_to_used(idx.reshape(z.shape[0], -1)).reshape(-1, 1)  # (N, 1)
         if self.sane_index_shape:
-            indices = indices.reshape(z.shape[0], z.shape[1], z.shape[2])
+            indices = indices.reshape(z.shape[0], z.shape[1], z.shape[2])  # (B, H, W)
         return z_q, loss, (perplexity, None, indices)
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
-        """Indices -> quantised vectors; `shape` (B, H, W, C) gives (B, C, H, W) back."""
+        """Indices -> code vectors in e_dim; with `shape` = (B, H, W, e_dim) the result is (B, e_dim, H, W)."""
         if self.remap is not None:
-            indices = self.unmap_to_all(indices.reshape(shape[0] if shape else 1, -1))
-        z_q = self.codebook()[indices.reshape(-1)]
+            lead = shape[0] if shape is not None else (indices.shape[0] if indices.dim() > 1 else 1)
+            indices = self.unmap_to_all(indices.reshape(lead, -1)).reshape(indices.shape)
+        z_q = F.embedding(indices, self.codebook())  # (*indices.shape, D)
         if self.out_proj is not None:
-            z_q = self.out_proj(z_q)
+            z_q = self.out_proj(z_q)  # (*indices.shape, e_dim)
         if shape is not None:
-            z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()
+            z_q = z_q.reshape(shape).permute(0, 3, 1, 2).contiguous()  # (B, e_dim, H, W)
         return z_q
 
     # --- codebook health --------------------------------------------------------------------------
     def reset_usage(self) -> None:
+        """Start a new window for `usage_stats()`."""
         self.usage_counts.zero_()
 
     def usage_stats(self) -> dict[str, float]:
-        """Fraction of codes used and perplexity of the code histogram since the last reset."""
+        """Fraction of codes used at least once and the perplexity of the code histogram since the
+        last `reset_usage()` (perplexity n_e means uniform use; 1 means a collapsed codebook)."""
         counts = self.usage_counts
         total = counts.sum()
         if total == 0:
-            return {"usage": 0.0, "perplexity": 0.0}
+            return {"usage": 0.0, "perplexity": 0.0, "used_codes": 0}
         p = counts / total
         return {"usage": float((counts > 0).float().mean()),
-                "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))}
+                "perplexity": float(torch.exp(-torch.sum(p * torch.log(p + 1e-10)))),
+                "used_codes": int((counts > 0).sum())}
