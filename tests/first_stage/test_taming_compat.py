@@ -1,17 +1,14 @@
-"""Our first stage loads taming-transformers weights unchanged and computes the same thing.
-
-The oracle is the `taming-transformers-rom1504` package (its Encoder, Decoder, VectorQuantizer2).
+"""A taming-transformers VQModel checkpoint (with its loss keys) loads into our VQModel and computes the
+same encodings, indices and decodings. Module-level equivalence is in test_modules_vs_taming.py.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from ldm.first_stage.models import VQModel
-from ldm.first_stage.modules import Decoder, Encoder
-from ldm.first_stage.quantize import VectorQuantizer
+from tests.first_stage.test_modules_vs_taming import perturbed
 
 taming_model = pytest.importorskip("taming.modules.diffusionmodules.model")
 taming_quantize = pytest.importorskip("taming.modules.vqvae.quantize")
@@ -22,15 +19,6 @@ NO_GAN = {"target": "ldm.first_stage.losses.VQLPIPSWithDiscriminator",
           "params": {"disc_start": 10**9, "perceptual_weight": 0.0}}
 
 
-def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random non-default weights, so identity norms and zero biases cannot hide a mismatch."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def taming_parts():
     torch.manual_seed(0)
@@ -39,18 +27,6 @@ def taming_parts():
     quant = perturbed(taming_quantize.VectorQuantizer2(16, 8, beta=0.25, legacy=True), 3)
     qc, pqc = perturbed(torch.nn.Conv2d(8, 8, 1), 4), perturbed(torch.nn.Conv2d(8, 8, 1), 5)
     return enc, dec, quant, qc, pqc
-
-
-def test_encoder_decoder_identical(taming_parts):
-    enc, dec, *_ = taming_parts
-    ours_e, ours_d = Encoder(**DD).eval(), Decoder(**DD).eval()
-    ours_e.load_state_dict(enc.state_dict(), strict=True)
-    ours_d.load_state_dict(dec.state_dict(), strict=True)
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        torch.testing.assert_close(ours_e(x), enc(x), atol=1e-5, rtol=1e-4)
-        z = torch.randn(2, 8, 8, 8)
-        torch.testing.assert_close(ours_d(z), dec(z), atol=1e-5, rtol=1e-4)
 
 
 def taming_vqmodel_state(parts) -> dict[str, torch.Tensor]:
@@ -82,29 +58,3 @@ def test_vqmodel_loads_taming_checkpoint_and_matches(taming_parts, tmp_path):
         assert tokens.shape == (2, 8, 8) and torch.equal(tokens.flatten(), idx_ref)
         ref_entry = quant.get_codebook_entry(idx_ref, (2, 8, 8, 8))
         torch.testing.assert_close(model.decode_indices(tokens), dec(pqc(ref_entry)), atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("unknown_index", ["random", "extra", 0])
-def test_remap_and_sane_index_shape(tmp_path, unknown_index):
-    used = np.array([1, 3, 5, 7, 9, 11], dtype=np.int64)
-    np.save(tmp_path / "used.npy", used)
-    torch.manual_seed(0)
-    ref = perturbed(taming_quantize.VectorQuantizer2(16, 4, beta=0.25, remap=str(tmp_path / "used.npy"),
-                                                     unknown_index=unknown_index, sane_index_shape=True), 1)
-    ours = VectorQuantizer(16, 4, beta=0.25, remap=str(tmp_path / "used.npy"), unknown_index=unknown_index,
-                           sane_index_shape=True).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    assert ours.re_embed == ref.re_embed
-    # codes all in the used set, so the remapping is deterministic
-    z = ref.embedding.weight[torch.tensor(used)][torch.randint(0, 6, (2 * 3 * 3,))].view(2, 3, 3, 4).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        _, _, (_, _, i_ref) = ref(z.contiguous())
-        _, _, (_, _, i_ours) = ours(z.contiguous())
-        assert i_ours.shape == (2, 3, 3) and torch.equal(i_ours, i_ref)
-        torch.testing.assert_close(ours.get_codebook_entry(i_ours, (2, 3, 3, 4)),
-                                   ref.get_codebook_entry(i_ref, (2, 3, 3, 4)))
-
-
-def test_bad_remap_path_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="codebook remap file not found"):
-        VectorQuantizer(16, 4, remap=str(tmp_path / "missing.npy"))
