@@ -93,6 +93,6 @@ class AbsorbingPrior(LatentPrior):
                                    x_init=latents, known=known, **kw)
 
     def nll_latents(self, latents: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None = None,
-                    timesteps: list[int] | None = None) -> torch.Tensor:
-        """The ELBO over all T steps in bits per token (B,)."""
-        return self.process.elbo(self.denoise, latents.flatten(1), cond, generator, timesteps)
+                    timesteps: list[int] | None = None, strata: int | None = None) -> torch.Tensor:
+        """The ELBO over all T steps in bits per token (B,); `strata` estimates it from fewer calls."""
+        return self.process.elbo(self.denoise, latents.flatten(1), cond, generator, timesteps, strata)

@@ -90,6 +90,8 @@ class LatentPrior(pl.LightningModule):
             if hasattr(dataset, "check_compatible"):
                 dataset.check_compatible(self.first_stage_fingerprint())
 
+    on_test_start = on_fit_start  # the test split is built only when testing
+
     # --- data ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
-from ldm.data.cache import build_cache, first_stage_fingerprint  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.data.cache import cache_split  # noqa: E402
 
 
 def main() -> int:
@@ -26,14 +24,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    model, config = instantiate_from_checkpoint(args.resume)
-    data_cfg = config.get("data", {}).get("params", {}).get(args.split)
-    if data_cfg is None:
-        raise SystemExit(f"the checkpoint's config has no data.params.{args.split}")
-    dataset = instantiate_from_config(data_cfg, key=f"data.params.{args.split}")
-    out = build_cache(model, dataset, args.out, first_stage_fingerprint(model, args.resume), args.batch_size,
-                      device=args.device, extra_meta={"checkpoint": str(args.resume), "split": args.split,
-                                                      "dataset": data_cfg})
+    try:
+        out = cache_split(args.resume, args.split, args.out, args.batch_size, device=args.device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     print(f"cache ready: {out}")
     return 0
 

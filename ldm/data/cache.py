@@ -91,6 +91,22 @@ def build_cache(model: Any, dataset: Dataset, out_dir: str | os.PathLike, finger
     return out
 
 
+def cache_split(ckpt_path: str | os.PathLike, split: str, out_dir: str | os.PathLike, batch_size: int = 256,
+                device: str | torch.device = "cpu", progress: bool = True) -> Path:
+    """Cache `data.params.<split>` of a first-stage run's own config, encoded by that run's checkpoint."""
+    from ldm.checkpoint import instantiate_from_checkpoint
+    from ldm.util import instantiate_from_config
+
+    model, config = instantiate_from_checkpoint(ckpt_path)
+    data_cfg = (config.get("data") or {}).get("params", {}).get(split)
+    if data_cfg is None:
+        raise ValueError(f"the config stored in {ckpt_path} has no data.params.{split}")
+    dataset = instantiate_from_config(data_cfg, key=f"data.params.{split}")
+    return build_cache(model, dataset, out_dir, first_stage_fingerprint(model, ckpt_path), batch_size,
+                       device=device, progress=progress,
+                       extra_meta={"checkpoint": str(ckpt_path), "split": split, "dataset": data_cfg})
+
+
 class LatentCache(Dataset):
     """Items `{"tokens": (h, w) long}` or `{"latent": (C, h, w)}`, plus `class_label`."""
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.util import instantiate_from_config
 
 SPLITS = ("train", "validation", "test")
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -38,12 +39,18 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.has_test = "test" in self.configs
 
     def setup(self, stage: str | None = None) -> None:
-        for split, cfg in self.configs.items():
-            if split not in self.datasets:
-                self.datasets[split] = instantiate_from_config(cfg, key=f"data.params.{split}")
+        """Build the splits `stage` needs (all for None), so fitting never opens the test data."""
+        for split in STAGE_SPLITS.get(stage, SPLITS):
+            if split in self.configs:
+                self.dataset(split)
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self.datasets:
+            self.datasets[split] = instantiate_from_config(self.configs[split], key=f"data.params.{split}")
+        return self.datasets[split]
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool) -> DataLoader:
-        self.setup()
+        self.dataset(split)
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, generator=g,

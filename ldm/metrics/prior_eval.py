@@ -46,14 +46,14 @@ def sample_scores(images: torch.Tensor, labels: torch.Tensor | None, classifier:
 
 @torch.no_grad()
 def elbo_bits(prior: Any, dataset: Dataset, batch_size: int = 250, limit: int | None = None, seed: int = 0,
-              progress: bool = True) -> float:
+              progress: bool = True, **nll_kw: Any) -> float:
     """Mean `prior.nll` (bits per latent dimension) over a split of cached latents or images."""
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     total, count = 0.0, 0
     for i, batch in enumerate(tqdm(DataLoader(dataset, batch_size=batch_size), desc="ELBO", disable=not progress)):
         batch = {k: v.to(prior.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        bits = prior.nll(batch, generator=torch.Generator(device=prior.device).manual_seed(seed + i))
+        bits = prior.nll(batch, generator=torch.Generator(device=prior.device).manual_seed(seed + i), **nll_kw)
         total += float(bits.sum())
         count += len(bits)
     return total / count

@@ -70,6 +70,11 @@ def test_elbo_equals_nll_for_independent_tokens_with_true_marginals():
     # and the expectation is exact per sample: E_mask[ce_t] = (t/T) * sum_i -log p_i(x_i)
     exact = sum((s / T) * (-logp.gather(1, x0.T).T.sum(1)) / s for s in range(1, T + 1)) / (math.log(2) * N)
     torch.testing.assert_close(exact, nll_bits)
+    # the stratified estimate (4 calls instead of T) is unbiased too
+    strat = torch.stack([proc.elbo(true_marginals, x0, generator=g, strata=4) for _ in range(400)])
+    torch.testing.assert_close(strat.mean(0).mean(), nll_bits.mean(), atol=0.02, rtol=0.02)
+    with pytest.raises(ValueError, match="strata must be in 1..20, got 21"):
+        proc.elbo(true_marginals, x0, strata=21)
 
 
 def test_importance_sampling_switches_on_after_history():

@@ -55,3 +55,13 @@ def test_datamodule_bad_param_names_key():
     dm = DataModuleFromConfig(batch_size=8, train=bad, num_workers=0)
     with pytest.raises(ConfigError, match=r"data.params.train.params: .*does not accept 'splt' \(did you mean 'split'\?\)"):
         dm.setup()
+
+
+def test_fitting_never_opens_the_test_split():
+    good = {"target": "ldm.data.cache.LatentCache", "params": {"root": "/nonexistent/train"}}
+    missing = {"target": "ldm.data.cache.LatentCache", "params": {"root": "/nonexistent/test"}}
+    dm = DataModuleFromConfig(batch_size=8, train=good, test=missing, num_workers=0)
+    dm.datasets["train"] = list(range(4))  # built already
+    dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match="no latent cache at /nonexistent/test"):
+        dm.setup("test")
