@@ -109,10 +109,13 @@ def load_into(
     allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
     missing = [k for k in own if k not in state and not (allow_missing and k.startswith(allow_missing))]
     unexpected = [k for k in state if k not in own and not (allow_unexpected and k.startswith(allow_unexpected))]
+    misfit = {k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)}
+    # a key that may be missing may also differ in shape: it is then left as initialised
+    skipped = {k for k in misfit if allow_missing and k.startswith(allow_missing)}
     shape = [
         f"{k}: {tuple(state[k].shape)} in {source}, {tuple(own[k].shape)} in {type(module).__name__}"
         for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        if k in misfit and k not in skipped
     ]
     if missing or unexpected or shape:
         lines = [f"{source} does not fit {type(module).__name__}:"]
@@ -123,7 +126,7 @@ def load_into(
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:8]))
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    module.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
 
 
 def export_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -55,6 +55,18 @@ def test_mismatch_names_keys_and_shapes(tmp_path):
         load_state_dict(tmp_path / "nope.ckpt")
 
 
+def test_allowed_missing_keys_may_differ_in_shape():
+    """A first stage's discriminator (``loss.``) may be sized differently from the checkpoint's."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 5))
+    state = {"0.weight": torch.ones(3, 2), "0.bias": torch.ones(3), "1.weight": torch.ones(4, 3),
+             "1.bias": torch.ones(4)}
+    before = net[1].weight.detach().clone()
+    load_into(net, state, allow_missing=("1.",))
+    assert torch.equal(net[0].weight, torch.ones(3, 2)) and torch.equal(net[1].weight, before)
+    with pytest.raises(CheckpointError, match=r"1.weight: \(4, 3\) in checkpoint, \(5, 3\)"):
+        load_into(net, state)
+
+
 def test_ema_closed_form_and_scope():
     net = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -43,3 +44,6 @@ def test_config_builds(path, monkeypatch):
     check_node(cfg["data"], "data")
     for name, cb in (cfg["lightning"].get("callbacks") or {}).items():
         check_node(cb, f"lightning.callbacks.{name}")
+    trainer = {k: v for k, v in (cfg["lightning"].get("trainer") or {}).items()
+               if k not in ("accelerator", "devices", "gpus", "strategy", "num_nodes")}
+    pl.Trainer(**{**trainer, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False})
