@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import _without_ckpt_paths
+from ldm.train import load_config
 from ldm.util import check_params, get_obj_from_str, instantiate_from_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 def no_perceptual(node):
@@ -33,11 +36,8 @@ def check_node(node, key):
             check_node(v, f"{key}.params.{k}")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_config_builds(path, monkeypatch):
-    for var in ("OPENIMAGES_TRAIN", "OPENIMAGES_VAL", "FFHQ_ROOT", "FFHQ_TRAIN_LIST", "FIRST_STAGE_CKPT"):
-        monkeypatch.delenv(var, raising=False)
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+def check_config_builds(cfg):
+    """Build the model on the meta device, check every class the data and callbacks name, build the Trainer."""
     assert set(cfg) <= {"model", "data", "lightning"} and {"model", "data", "lightning"} <= set(cfg)
     with torch.device("meta"):
         instantiate_from_config(no_perceptual(_without_ckpt_paths(cfg["model"])), key="model")
@@ -47,3 +47,19 @@ def test_config_builds(path, monkeypatch):
     trainer = {k: v for k, v in (cfg["lightning"].get("trainer") or {}).items()
                if k not in ("accelerator", "devices", "gpus", "strategy", "num_nodes")}
     pl.Trainer(**{**trainer, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_builds(path, monkeypatch):
+    for var in ("OPENIMAGES_TRAIN", "OPENIMAGES_VAL", "FFHQ_ROOT", "FFHQ_TRAIN_LIST", "FIRST_STAGE_CKPT"):
+        monkeypatch.delenv(var, raising=False)
+    check_config_builds(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+
+
+def test_demo_prior_overrides_build():
+    """`make demo` shrinks the prior config by dotted overrides; a misplaced key would only fail at its end."""
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config = load_config([str(REPO / "configs/absorbing/fmnist.yaml")], demo.PRIOR_OVERRIDES)
+    check_config_builds(OmegaConf.to_container(config, resolve=True))
