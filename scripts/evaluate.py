@@ -71,6 +71,8 @@ def main() -> int:
 
     prior, config = instantiate_from_checkpoint(args.resume)
     out = Path(args.out) if args.out else Path(args.resume).with_suffix(".eval.json")
+    if out.suffix != ".json":  # the Markdown table goes beside it as <name>.md
+        out = out.with_name(out.name + ".json")
     result: dict = {"checkpoint": args.resume, "num_samples": args.num_samples, "bf16": args.bf16, "rows": []}
     with torch.autocast(prior.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         if args.elbo_limit:
