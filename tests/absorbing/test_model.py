@@ -46,7 +46,7 @@ def test_train_with_main_then_sample_from_checkpoint(tmp_path):
                             "--repeats", "1"], cwd=repo, check=True, capture_output=True, text=True).stdout
     assert json.loads(bench[bench.index("{"):])["step_over_forward"] > 0
     subprocess.run([sys.executable, "scripts/evaluate.py", "-r", ckpt, "-n", "0", "--elbo-split", "validation",
-                    "--elbo-limit", "8", "--elbo-strata", "2", "--bf16", "--out", str(tmp_path / "eval.json")],
+                    "--elbo-limit", "8", "--elbo-strata", "2", "--bf16", "--out", str(tmp_path / "eval")],  # gets its .json suffix
                    cwd=repo, check=True, capture_output=True)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["elbo_items"] == 8 and result["elbo_strata"] == 2 and 0 < result["elbo_bits_per_dim"] < 50
