@@ -92,6 +92,23 @@ class AbsorbingPrior(LatentPrior):
         return self._sample_tokens(latents.shape[0], tuple(latents.shape[-2:]), cond, generator,
                                    x_init=latents, known=known, **kw)
 
+    def sampling_forward(self, n: int, cond: Any = None, guidance_scale: float = 1.0,
+                         use_ema: bool = True, **_: Any):
+        """A closure running one bare denoiser forward on the inputs one sampling step feeds it
+        (the doubled batch under guidance): the yardstick of `scripts/benchmark.py`."""
+        labels = self._labels(n, cond)
+        h, w = self.latent_shape[-2:]
+        x = torch.full((n, h * w), self.process.mask_id, dtype=torch.long, device=self.device)
+        t = torch.full((n,), max(1, self.process.num_timesteps // 2), dtype=torch.long, device=self.device)
+        if guidance_scale != 1.0 and labels is not None:
+            x, t, labels = torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, self.null_cond(n)])
+
+        def forward() -> torch.Tensor:
+            with self.ema_weights(use_ema):
+                return self.denoise(x, t, labels)
+
+        return forward
+
     def nll_latents(self, latents: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None = None,
                     timesteps: list[int] | None = None, strata: int | None = None) -> torch.Tensor:
         """The ELBO over all T steps in bits per token (B,); `strata` estimates it from fewer calls."""
