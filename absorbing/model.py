@@ -10,6 +10,8 @@ import torch
 from absorbing.process import AbsorbingDiffusion, LossType, MaskSchedule, TimeSampling
 from absorbing.sampling import Order, sample
 from absorbing.windows import windowed_denoiser
+from absorbing.unleashing import convert_sampler_state_dict
+from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
 from ldm.util import instantiate_from_config
 
@@ -46,70 +48,84 @@ class AbsorbingPrior(LatentPrior):
         backbone_kw: dict[str, Any] = {"vocab_size": codebook_size, "seq_len": self.seq_len}
         if self.num_classes:
             backbone_kw["num_classes"] = self.num_classes
+        if set(self.conditioner.keys) - {"class_label"}:
+            raise ValueError(f"the absorbing denoisers take class labels only; the conditioner gives "
+                             f"{list(self.conditioner.keys)}")
         if time_conditioning:
             backbone_kw.update(time_conditioning=True, num_timesteps=num_timesteps)
         self.model = instantiate_from_config(denoiser_config, key="denoiser_config", **backbone_kw)
         self.sample_steps = sample_steps or num_timesteps
         self.finish_init(ckpt_path, ignore_keys)
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        return self.model(xt, t, cond)
+    def denoiser(self, ema: bool = False):
+        """`net(x_t (B, N) long, t (B,), cond dict) -> logits (B, N, K)` on the trained or averaged weights."""
+        net = self.network("model", ema)
 
-    def compute_loss(self, latents: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        def call(xt: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+            return net(xt, t, (cond or {}).get("class_label"))
+
+        return call
+
+    def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An original Unleashing Transformers sampler state dict (`_denoise_fn.*`) maps onto this prior."""
+        if any(k.startswith("_denoise_fn.") for k in state):
+            return convert_sampler_state_dict(state)
+        return state
+
+    def compute_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None = None,
+                     ema: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         x0 = latents.flatten(1)  # (B, h*w) long
-        out = self.process.training_losses(self.denoise, x0, cond)
+        out = self.process.training_losses(self.denoiser(ema), x0, cond, generator)
         return out["loss"], {"elbo_bpt": out["elbo_bpt"]}
 
-    def _sample_tokens(self, n: int, hw: tuple[int, int], cond: torch.Tensor | None,
-                       generator: torch.Generator | None, steps: int | None = None,
-                       stride: int | Sequence[int] | None = None, order: Order = "random",
-                       x_init: torch.Tensor | None = None, known: torch.Tensor | None = None,
-                       **kw: Any) -> torch.Tensor:
+    def _sample_tokens(self, n: int, hw: tuple[int, int], cond: Cond, generator: torch.Generator | None,
+                       ema: bool, steps: int | None = None, stride: int | Sequence[int] | None = None,
+                       order: Order = "random", x_init: torch.Tensor | None = None,
+                       known: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         h, w = hw
-        net = self.denoise
+        net = self.denoiser(ema)
         if (h, w) != tuple(self.latent_shape[-2:]):
-            net = windowed_denoiser(self.denoise, (h, w), tuple(self.latent_shape[-2:]), stride)
+            net = windowed_denoiser(net, (h, w), tuple(self.latent_shape[-2:]), stride)
+        guided = kw.get("guidance_scale", 1.0) != 1.0
+        if guided and not cond:
+            raise ValueError("guidance_scale needs a conditional prior and cond")
         tokens = sample(
-            net, (n, h * w), self.process.mask_id, self.process.num_timesteps, steps or self.sample_steps, cond,
-            generator, null_cond=self.null_cond(n), order=order, device=self.device,
+            net, (n, h * w), self.process.mask_id, self.process.num_timesteps, steps or self.sample_steps, cond or None,
+            generator, null_cond=self.null_cond(n) if cond else None, order=order, device=self.device,
             x_init=None if x_init is None else x_init.flatten(1), known=None if known is None else known.flatten(1),
             **kw,
         )
         return tokens.view(n, h, w)
 
-    def sample_latents(self, n: int, cond: torch.Tensor | None, generator: torch.Generator | None,
+    def sample_latents(self, n: int, cond: Cond, generator: torch.Generator | None, ema: bool = True,
                        shape: Sequence[int] | None = None, **kw: Any) -> torch.Tensor:
         """Tokens (n, h, w); `shape=(h, w)` larger than the training shape samples with sliding windows."""
         hw = tuple(shape) if shape is not None else tuple(self.latent_shape[-2:])
         if len(hw) != 2 or hw[0] < self.latent_shape[-2] or hw[1] < self.latent_shape[-1]:
             raise ValueError(f"shape must be (h, w) at least the training shape {tuple(self.latent_shape[-2:])}, got {shape}")
-        return self._sample_tokens(n, hw, cond, generator, **kw)
+        return self._sample_tokens(n, hw, cond, generator, ema, **kw)
 
-    def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: torch.Tensor | None,
-                        generator: torch.Generator | None, **kw: Any) -> torch.Tensor:
+    def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
+                        generator: torch.Generator | None, ema: bool = True, **kw: Any) -> torch.Tensor:
         if known.shape != latents.shape:
             raise ValueError(f"known mask {tuple(known.shape)} does not match the token map {tuple(latents.shape)}")
-        return self._sample_tokens(latents.shape[0], tuple(latents.shape[-2:]), cond, generator,
+        return self._sample_tokens(latents.shape[0], tuple(latents.shape[-2:]), cond, generator, ema,
                                    x_init=latents, known=known, **kw)
 
     def sampling_forward(self, n: int, cond: Any = None, guidance_scale: float = 1.0,
                          use_ema: bool = True, **_: Any):
         """A closure running one bare denoiser forward on the inputs one sampling step feeds it
         (the doubled batch under guidance): the yardstick of `scripts/benchmark.py`."""
-        labels = self._labels(n, cond)
+        c = self.user_cond(cond, n)
         h, w = self.latent_shape[-2:]
         x = torch.full((n, h * w), self.process.mask_id, dtype=torch.long, device=self.device)
         t = torch.full((n,), max(1, self.process.num_timesteps // 2), dtype=torch.long, device=self.device)
-        if guidance_scale != 1.0 and labels is not None:
-            x, t, labels = torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, self.null_cond(n)])
+        if guidance_scale != 1.0 and c:
+            x, t, c = torch.cat([x, x]), torch.cat([t, t]), cat_cond(c, self.null_cond(n))
+        net = self.denoiser(use_ema)
+        return lambda: net(x, t, c)
 
-        def forward() -> torch.Tensor:
-            with self.ema_weights(use_ema):
-                return self.denoise(x, t, labels)
-
-        return forward
-
-    def nll_latents(self, latents: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None = None,
+    def nll_latents(self, latents: torch.Tensor, cond: Cond, ema: bool = True, generator: torch.Generator | None = None,
                     timesteps: list[int] | None = None, strata: int | None = None) -> torch.Tensor:
         """The ELBO over all T steps in bits per token (B,); `strata` estimates it from fewer calls."""
-        return self.process.elbo(self.denoise, latents.flatten(1), cond, generator, timesteps, strata)
+        return self.process.elbo(self.denoiser(ema), latents.flatten(1), cond, generator, timesteps, strata)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.shard import draw_local, gather_global
+
 MaskSchedule = Literal["random", "fixed"]
 LossType = Literal["elbo", "reweighted_elbo", "mlm"]
 TimeSampling = Literal["uniform", "importance"]
@@ -77,9 +79,12 @@ class AbsorbingDiffusion(nn.Module):
             weights = torch.sqrt(self.Lt_history + 1e-10) + 1e-4
             weights[0] = 0.0  # t = 0 is never drawn
             pt_all = weights / weights.sum()
-            t = torch.multinomial(pt_all, b, replacement=True, generator=generator).to(device)
+            gen_device = generator.device if generator is not None else pt_all.device
+            t = draw_local(lambda m: torch.multinomial(pt_all.to(gen_device), m, replacement=True,
+                                                       generator=generator), b).to(device)
             return t, pt_all.to(device).gather(0, t)
-        t = torch.randint(1, T + 1, (b,), device=device, generator=generator)
+        gen_device = generator.device if generator is not None else device
+        t = draw_local(lambda m: torch.randint(1, T + 1, (m,), device=gen_device, generator=generator), b).to(device)
         return t, torch.full((b,), 1.0 / T, device=device)
 
     # --- forward process ----------------------------------------------------------------------
@@ -88,13 +93,13 @@ class AbsorbingDiffusion(nn.Module):
         """Mask x_0 (B, N) at time t (B,): returns x_t (B, N) long and the mask (B, N) bool."""
         schedule = schedule or self.mask_schedule
         b, n = x0.shape
+        gen_device = generator.device if generator is not None else x0.device
+        u = draw_local(lambda m: torch.rand((m, n), device=gen_device, generator=generator), b).to(x0.device)
         if schedule == "random":
-            u = torch.rand(x0.shape, device=x0.device, generator=generator)
             mask = u < (t.float().unsqueeze(-1) / self.num_timesteps)
         else:
             count = torch.round(t.float() / self.num_timesteps * n).long().clamp(min=1, max=n)  # (B,)
             # rank of i.i.d. uniforms is a uniformly random permutation: mask the `count` smallest
-            u = torch.rand(x0.shape, device=x0.device, generator=generator)
             ranks = u.argsort(dim=1).argsort(dim=1)
             mask = ranks < count.unsqueeze(-1)
         xt = x0.masked_fill(mask, self.mask_id)
@@ -121,7 +126,12 @@ class AbsorbingDiffusion(nn.Module):
 
     @torch.no_grad()
     def update_history(self, t: torch.Tensor, loss: torch.Tensor, vb: torch.Tensor) -> None:
-        """Running E[L_t^2] per timestep for importance sampling, and a loss-by-t history to plot."""
+        """Running E[L_t^2] per timestep for importance sampling, and a loss-by-t history to plot.
+
+        The statistics of every rank's samples are gathered first, so all ranks keep the history one
+        process with the global batch would (improved-diffusion's LossAwareSampler does the same).
+        """
+        t, loss, vb = (gather_global(v.detach()) for v in (t, loss, vb))
         dtype = self.loss_history.dtype
         prev = self.loss_history.gather(0, t)
         self.loss_history.scatter_(0, t, (0.1 * loss.detach() + 0.9 * prev).to(dtype))

@@ -1,4 +1,5 @@
-"""Samplers for absorbing diffusion. Each takes the denoiser `net(x_t, t, cond) -> logits (B, N, K)`.
+"""Samplers for absorbing diffusion. Each takes the denoiser `net(x_t, t, cond) -> logits (B, N, K)`,
+`cond` a conditioning dict (`ldm.conditioning`).
 
 `sample` runs the paper's reverse process with any number of steps S <= T: at step s = S..1 every
 still-masked token is revealed with probability 1/s (so all are revealed at s = 1), its value drawn
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from ldm.conditioning import Cond
 from ldm.logits import filter_logits, guided_logits
 
 Callback = Callable[[dict[str, Any]], None]
@@ -45,7 +47,7 @@ def sample(
     mask_id: int,
     num_timesteps: int,
     steps: int | None = None,
-    cond: torch.Tensor | None = None,
+    cond: Cond | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     *,
@@ -53,7 +55,7 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     guidance_scale: float = 1.0,
-    null_cond: torch.Tensor | None = None,
+    null_cond: Cond | None = None,
     order: Order = "random",
     x_init: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
@@ -66,7 +68,9 @@ def sample(
         raise ValueError(f"order must be 'random', 'confidence' or 'raster', got {order!r}")
     if not 1 <= steps <= (n if order == "raster" else num_timesteps):
         raise ValueError(f"steps must be in 1..{num_timesteps} (the trained T), got {steps}")
-    device = torch.device(device) if device is not None else (cond.device if cond is not None else torch.device("cpu"))
+    if device is None:
+        device = next(iter(cond.values())).device if cond else torch.device("cpu")
+    device = torch.device(device)
     x = torch.full((b, n), mask_id, dtype=torch.long, device=device)
     if known is not None:
         if x_init is None or known.shape != (b, n) or x_init.shape != (b, n):

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ldm.conditioning import Cond
+
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Window offsets along one axis covering [0, size), the last one flush with the edge."""
@@ -27,13 +29,14 @@ def windowed_denoiser(net: Callable[..., torch.Tensor], big_hw: tuple[int, int],
     sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride or (max(1, h // 2), max(1, w // 2)))
     offsets = [(i, j) for i in window_starts(H, h, sh) for j in window_starts(W, w, sw)]
 
-    def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         b = x.shape[0]
         grid = x.view(b, H, W)
         crops = torch.stack([grid[:, i:i + h, j:j + w] for i, j in offsets], 1)  # (B, nW, h, w)
         nw = len(offsets)
-        rep = (lambda v: None if v is None else v.repeat_interleave(nw, 0))  # noqa: E731
-        logp = net(crops.reshape(b * nw, h * w), rep(t), rep(cond)).float().log_softmax(-1)  # (B*nW, h*w, K)
+        window_cond = {k: v.repeat_interleave(nw, 0) for k, v in (cond or {}).items()}
+        logp = net(crops.reshape(b * nw, h * w), t.repeat_interleave(nw, 0), window_cond)
+        logp = logp.float().log_softmax(-1)  # (B*nW, h*w, K)
         k = logp.shape[-1]
         logp = logp.view(b, nw, h, w, k)
         total = torch.zeros(b, H, W, k, device=x.device)

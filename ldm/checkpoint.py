@@ -158,19 +158,23 @@ def _without_ckpt_paths(node: Any) -> Any:
 def instantiate_from_checkpoint(
     path: str | os.PathLike, config: Mapping[str, Any] | None = None, use_ema: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the model a checkpoint was trained with and load its weights (EMA weights if present).
+    """Build the model a checkpoint was trained with and load its weights, EMA copies included.
 
-    The training-only `loss.*` modules (discriminator, perceptual net) may be absent on either side.
+    A prior samples with its EMA copies by default (`prior.sample(..., use_ema=True)`). A first stage
+    with an EMA gets the averaged weights loaded as its weights when `use_ema`. Training-only
+    `loss.*` modules (discriminator, perceptual net) may be absent on either side.
     """
     from ldm.util import instantiate_from_config
 
     config = dict(config) if config is not None else config_from_checkpoint(path)
     model = instantiate_from_config(_without_ckpt_paths(config["model"]), key="model")
     state = load_state_dict(path)
-    load_into(model, state, source=str(path), allow_missing=("loss.",), allow_unexpected=("loss.",))
-    ema = getattr(model, "model_ema", None)
-    if use_ema and ema is not None:
-        ema.copy_to(model)
+    training_only = ("loss.", "first_stage_model.loss.")
+    load_into(model, state, source=str(path), allow_missing=("loss.",), allow_unexpected=training_only)
+    if hasattr(model, "sync_ema_buffers"):
+        model.sync_ema_buffers()
+    if use_ema and hasattr(model, "load_ema_as_weights"):
+        model.load_ema_as_weights()
     model.eval()
     return model, config
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from ldm.conditioning import Cond, cat_cond
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Keep the `top_k` largest logits and the smallest set whose probability reaches `top_p` (nucleus)."""
@@ -39,17 +41,17 @@ def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def guided_logits(net: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
-                  null_cond: torch.Tensor | None, scale: float) -> torch.Tensor:
+def guided_logits(net: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: Cond | None,
+                  null_cond: Cond | None, scale: float) -> torch.Tensor:
     """Classifier-free guidance on log-probabilities: log p_u + s (log p_c - log p_u), renormalised.
 
-    `net(x, t, cond)` returns logits (B, N, K); the conditional and unconditional passes run as one
-    batch. Scale 1 (or no conditioning) is the plain conditional model.
+    `net(x, t, cond)` returns logits (B, N, K); `cond` is a conditioning dict, and the conditional
+    and unconditional passes run as one batch. Scale 1 (or no conditioning) is the plain model.
     """
-    if scale == 1.0 or cond is None:
-        return net(x, t, cond)
+    if scale == 1.0 or not cond:
+        return net(x, t, cond or {})
     if null_cond is None:
-        raise ValueError("classifier-free guidance needs a null condition (train with class dropout)")
-    both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))
+        raise ValueError("classifier-free guidance needs a null condition (train with conditioning dropout)")
+    both = net(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, null_cond))
     cond_lp, uncond_lp = both.float().log_softmax(-1).chunk(2)
     return (uncond_lp + scale * (cond_lp - uncond_lp)).log_softmax(-1)

@@ -1,41 +1,69 @@
-"""The base LightningModule every prior subclasses: a frozen first stage, latents from a cache or
-encoded on the fly, an EMA of the prior's weights, and the public `sample` / `inpaint` / `nll` API.
+"""The base LightningModule every prior subclasses: a frozen first stage, latents of any kind from a
+cache or encoded on the fly, conditioning as an object, one EMA copy per trained network, and the
+public `sample` / `inpaint` / `nll` API that the scripts and apps use.
 
-A subclass builds `self.model` (the trainable network) and `self.process` (its corruption
-process), calls `self.finish_init(ckpt_path, ignore_keys)`, and implements `compute_loss`,
-`sample_latents`, `inpaint_latents` and, where defined, `nll_latents`.
+A subclass builds its trained networks under the attribute names listed in `network_names`
+(`self.model` by default; ImageBART has one transformer per scale, a cascade one network per
+stage) and its corruption process, calls `self.finish_init(ckpt_path, ignore_keys)`, and
+implements `compute_loss`, `sample_latents`, `inpaint_latents` and, where defined, `nll_latents`.
+Those take `ema`: whether to run the averaged copies (`self.network(name, ema)`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ldm.checkpoint import drop_keys, load_into, load_state_dict
+from ldm.conditioning import ClassLabel, Cond, Conditioner, Unconditional
 from ldm.data.cache import first_stage_fingerprint
-from ldm.ema import LitEma, ema_scope
-from ldm.util import instantiate_from_config
+from ldm.ema import EMA
+from ldm.shard import draw_local, gather_global, step_generator
+from ldm.util import accepted_parameters, get_obj_from_str, instantiate_from_config
 
-LATENT_KEYS = {"tokens": "tokens", "continuous": "latent"}
+# what a batch from a latent cache holds, by latent kind
+CACHE_KEYS = {"tokens": ("tokens",), "continuous": ("latent", "posterior_mean")}
+# keys of a frozen first stage that inference never needs (its training losses)
+FIRST_STAGE_TRAINING_KEYS = ("first_stage_model.loss.",)
+
+
+def frozen_first_stage_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The first stage's config with its training loss replaced by `torch.nn.Identity`.
+
+    A frozen first stage never trains: no LPIPS network, no discriminator, nothing downloaded and
+    nothing of them stored in the prior's checkpoint, whatever `lossconfig` the config names.
+    """
+    config = {**config, "params": dict(config.get("params") or {})}
+    target = get_obj_from_str(config.get("target"), key="first_stage_config.target")
+    if "lossconfig" in accepted_parameters(target)[0]:
+        config["params"]["lossconfig"] = {"target": "torch.nn.Identity"}
+    return config
 
 
 class LatentPrior(pl.LightningModule):
     """Shared wiring of the four priors; see the module docstring for what a subclass provides."""
 
-    latent_kind: str = "tokens"  # what the prior models: "tokens" (VQ) or "continuous" (KL)
+    latent_kind: Literal["tokens", "continuous"] = "tokens"  # what the prior models
+    network_names: tuple[str, ...] = ("model",)  # the trained networks; EMA copies at `<name>_ema`
 
     def __init__(
         self,
         first_stage_config: Mapping[str, Any],
+        conditioner_config: Mapping[str, Any] | None = None,
         latent_shape: Sequence[int] | None = None,
         image_key: str = "image",
         cond_key: str = "class_label",
         num_classes: int | None = None,
         cond_drop_prob: float = 0.0,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        posterior: Literal["sample", "mode"] = "sample",
         use_ema: bool = True,
         ema_decay: float = 0.9999,
         weight_decay: float = 0.0,
@@ -45,43 +73,111 @@ class LatentPrior(pl.LightningModule):
         log_sample_kwargs: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        self.image_key, self.cond_key = image_key, cond_key
-        self.num_classes = num_classes
+        self.image_key = image_key
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        self.cond_drop_prob = cond_drop_prob
+        if posterior not in ("sample", "mode"):
+            raise ValueError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
+        self.cond_drop_prob, self.posterior = cond_drop_prob, posterior
         self.use_ema, self.ema_decay = use_ema, ema_decay
         self.weight_decay, self.betas, self.warmup_steps = weight_decay, tuple(betas), warmup_steps
         self.monitor = monitor
         self.log_sample_kwargs = dict(log_sample_kwargs or {})
         self.learning_rate = 1e-4  # main.py sets it from base_learning_rate
+        self.conditioner = self.build_conditioner(conditioner_config, num_classes, cond_key)
+
         self.first_stage_ckpt = dict(first_stage_config.get("params") or {}).get("ckpt_path")
-        self.first_stage_model = instantiate_from_config(first_stage_config, key="first_stage_config")
+        self.first_stage_model = instantiate_from_config(frozen_first_stage_config(first_stage_config),
+                                                         key="first_stage_config")
         self.first_stage_model.eval().requires_grad_(False)
-        kind = getattr(self.first_stage_model, "latent_kind", None)
-        if kind != self.latent_kind:
-            raise ValueError(
-                f"{type(self).__name__} models {self.latent_kind} latents, but the first stage "
-                f"{type(self.first_stage_model).__name__} produces {kind!r} latents"
-            )
-        self.latent_shape = tuple(latent_shape) if latent_shape else tuple(self.first_stage_model.latent_shape())
+        kinds = tuple(getattr(self.first_stage_model, "latent_kinds", (getattr(self.first_stage_model, "latent_kind", None),)))
+        if self.latent_kind not in kinds:
+            raise ValueError(f"{type(self).__name__} models {self.latent_kind} latents, but the first stage "
+                             f"{type(self.first_stage_model).__name__} produces {', '.join(map(str, kinds))} latents")
+        native = tuple(self.first_stage_model.latent_shape(kind=self.latent_kind))
+        self.latent_shape = tuple(latent_shape) if latent_shape else native
+
+        # latents are multiplied by scale_factor before the prior sees them (latent-diffusion's
+        # convention); with scale_by_std it is 1/std of the first training batch, kept in the checkpoint
+        self.scale_by_std = bool(scale_by_std) and self.latent_kind == "continuous"
+        if self.scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = float(scale_factor)
+        self._scale_restored = False
 
     # --- construction -------------------------------------------------------------------------
+    @staticmethod
+    def build_conditioner(config: Mapping[str, Any] | None, num_classes: int | None, cond_key: str) -> Conditioner:
+        """From `conditioner_config`; the shorthand `num_classes` builds a class-label conditioner."""
+        if config is not None:
+            if num_classes:
+                raise ValueError("give either conditioner_config or num_classes, not both")
+            cond = instantiate_from_config(config, key="conditioner_config")
+            if not isinstance(cond, Conditioner):
+                raise ValueError(f"conditioner_config must build an ldm.conditioning.Conditioner, got "
+                                 f"{type(cond).__name__}")
+            return cond
+        return ClassLabel(num_classes, key=cond_key) if num_classes else Unconditional()
+
     def finish_init(self, ckpt_path: str | None = None, ignore_keys: Sequence[str] = ()) -> None:
-        """Called by a subclass once `self.model` exists: EMA shadow, then optional weights."""
-        self.model_ema = LitEma(self.model, decay=self.ema_decay) if self.use_ema else None
+        """Called by a subclass once its networks exist: EMA copies, then optional weights."""
+        for name in self.network_names:
+            if not isinstance(getattr(self, name, None), nn.Module):
+                raise TypeError(f"{type(self).__name__} lists {name!r} in network_names but has no such module")
+            setattr(self, f"{name}_ema", EMA(getattr(self, name), decay=self.ema_decay) if self.use_ema else None)
         if ckpt_path:
-            state = drop_keys(load_state_dict(ckpt_path), ignore_keys)
-            load_into(self, state, source=str(ckpt_path), allow_missing=tuple(ignore_keys))
+            state = self.convert_checkpoint_state(drop_keys(load_state_dict(ckpt_path), ignore_keys))
+            load_into(self, state, source=str(ckpt_path), allow_missing=tuple(ignore_keys) + self.optional_keys(state),
+                      allow_unexpected=FIRST_STAGE_TRAINING_KEYS)
+            self.sync_ema_buffers()
+
+    def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook: map an original repository's key layout onto this prior's (identity by default)."""
+        return state
+
+    def optional_keys(self, state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+        """Key prefixes a checkpoint may lack: the first stage (it has its own `ckpt_path`) when the
+        checkpoint holds none of it, and the EMA copies when it holds none of them."""
+        out: list[str] = []
+        if not any(k.startswith("first_stage_model.") for k in state):
+            out.append("first_stage_model.")
+        for name in self.network_names:
+            if not any(k.startswith(f"{name}_ema.") for k in state):
+                out.append(f"{name}_ema.")
+        return tuple(out)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Old checkpoints of this project stored the first stage's training loss: it is ignored."""
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(FIRST_STAGE_TRAINING_KEYS)}
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.sync_ema_buffers()
+        return result
+
+    def sync_ema_buffers(self) -> None:
+        for name in self.network_names:
+            ema = getattr(self, f"{name}_ema", None)
+            if ema is not None:
+                ema.copy_buffers_from(getattr(self, name))
+
+    def network(self, name: str = "model", ema: bool = False) -> nn.Module:
+        """A trained network, or its averaged copy when `ema` (and the prior keeps one)."""
+        copy = getattr(self, f"{name}_ema", None)
+        return copy.averaged if ema and copy is not None else getattr(self, name)
 
     def train(self, mode: bool = True) -> LatentPrior:
         super().train(mode)
         self.first_stage_model.eval()  # frozen: BatchNorm/dropout stay in eval mode
         return self
 
+    @property
+    def num_classes(self) -> int | None:
+        return self.conditioner.num_classes
+
     def first_stage_fingerprint(self) -> dict[str, Any]:
         """What a latent cache must have been built with to be used by this prior."""
-        return first_stage_fingerprint(self.first_stage_model, self.first_stage_ckpt, self.latent_shape)
+        return first_stage_fingerprint(self.first_stage_model, self.first_stage_ckpt, self.latent_shape,
+                                       kind=self.latent_kind)
 
     def on_fit_start(self) -> None:
         """Refuse a latent cache built with another first stage before any step is taken."""
@@ -92,76 +188,97 @@ class LatentPrior(pl.LightningModule):
 
     on_test_start = on_fit_start  # the test split is built only when testing
 
-    # --- data ---------------------------------------------------------------------------------
+    # --- latents ------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.encode_to_latent(images)
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] to what the prior models: tokens (B, h, w) or scaled z."""
+        enc = self.first_stage_model.encode_for_prior(images.to(self.device), kind=self.latent_kind)
+        return self.latents_from_encoding(enc, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode_latent(latents).clamp(-1.0, 1.0)
+        if self.latent_kind == "continuous":
+            latents = latents / self.scale_factor
+        return self.first_stage_model.decode_latent(latents, kind=self.latent_kind).clamp(-1.0, 1.0)
 
-    def get_latents(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def latents_from_encoding(self, enc: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                              mode: bool | None = None) -> torch.Tensor:
+        """Tokens as they are; a continuous latent scaled; a posterior sampled (or its mode) and scaled."""
+        if "tokens" in enc:
+            return enc["tokens"].long()
+        if "latent" in enc:
+            z = enc["latent"].float()
+        else:
+            mean, logvar = enc["posterior_mean"].float(), enc["posterior_logvar"].float()
+            take_mode = (self.posterior == "mode") if mode is None else mode
+            if take_mode:
+                z = mean
+            else:
+                gen_device = generator.device if generator is not None else mean.device
+                eps = draw_local(lambda m: torch.randn((m, *mean.shape[1:]), generator=generator,
+                                                       device=gen_device), mean.shape[0]).to(mean.device)
+                z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+        return z * self.scale_factor
+
+    def get_latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                    mode: bool | None = None) -> torch.Tensor:
         """Cached latents when the batch has them, else the first stage encodes the images."""
-        key = LATENT_KEYS[self.latent_kind]
-        if key in batch:
-            return batch[key]
+        if any(k in batch for k in CACHE_KEYS[self.latent_kind]):
+            enc = {k: batch[k] for k in ("tokens", "latent", "posterior_mean", "posterior_logvar") if k in batch}
+            return self.latents_from_encoding({k: v.to(self.device) for k, v in enc.items()}, generator, mode)
         if self.image_key not in batch:
-            raise KeyError(f"batch has neither {key!r} (a latent cache) nor {self.image_key!r} (images)")
-        return self.encode(batch[self.image_key])
+            raise KeyError(f"batch has neither cached {self.latent_kind} latents ({', '.join(CACHE_KEYS[self.latent_kind])}) "
+                           f"nor {self.image_key!r} (images)")
+        images = batch[self.image_key]
+        enc = self.first_stage_model.encode_for_prior(images.to(self.device), kind=self.latent_kind)
+        return self.latents_from_encoding(enc, generator, mode)
 
-    def get_cond(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
-        return torch.as_tensor(batch[self.cond_key], device=self.device).long()
+    def get_cond(self, batch: Mapping[str, Any]) -> Cond:
+        return self.conditioner.encode(batch, device=self.device)
 
-    def drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
-        """Replace labels by the null class with probability `cond_drop_prob` (classifier-free guidance)."""
-        if cond is None or self.cond_drop_prob == 0.0:
-            return cond
-        drop = torch.rand(cond.shape, device=cond.device) < self.cond_drop_prob
-        return torch.where(drop, torch.full_like(cond, self.num_classes), cond)
-
-    def null_cond(self, n: int) -> torch.Tensor | None:
-        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.device) if self.num_classes else None
+    @torch.no_grad()
+    def estimate_scale(self, batch: Mapping[str, Any]) -> None:
+        """latent-diffusion's `scale_by_std`: 1 / std of the first batch's latents, over all ranks."""
+        self.scale_factor.fill_(1.0)
+        z = self.get_latents(batch, mode=False, generator=torch.Generator(self.device).manual_seed(0)).float()
+        stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)])
+        stats = gather_global(stats[None]).sum(0)
+        mean = stats[0] / stats[2]
+        std = torch.sqrt(stats[1] / stats[2] - mean**2)
+        self.scale_factor.fill_(float(1.0 / std))
+        print(f"scale_by_std: latent std {float(std):.4f}, scale_factor set to {float(self.scale_factor):.4f}")
 
     # --- subclass interface ------------------------------------------------------------------
-    def compute_loss(self, latents: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def compute_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None = None,
+                     ema: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 
-    def sample_latents(self, n: int, cond: torch.Tensor | None, generator: torch.Generator | None,
+    def sample_latents(self, n: int, cond: Cond, generator: torch.Generator | None, ema: bool = True,
                        **kw: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: torch.Tensor | None,
-                        generator: torch.Generator | None, **kw: Any) -> torch.Tensor:
+    def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
+                        generator: torch.Generator | None, ema: bool = True, **kw: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def nll_latents(self, latents: torch.Tensor, cond: torch.Tensor | None, **kw: Any) -> torch.Tensor:
+    def nll_latents(self, latents: torch.Tensor, cond: Cond, ema: bool = True, **kw: Any) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no likelihood")
 
     # --- public API ---------------------------------------------------------------------------
-    def ema_weights(self, enabled: bool = True):
-        return ema_scope(self.model, self.model_ema, enabled and self.model_ema is not None)
+    def user_cond(self, cond: Any, n: int) -> Cond:
+        """`sample(n, cond=...)`'s argument, checked against the conditioner."""
+        return self.conditioner.from_user(cond, n, self.device)
 
-    def _labels(self, n: int, cond: torch.Tensor | Sequence[int] | int | None) -> torch.Tensor | None:
-        if cond is None or not self.num_classes:
-            if cond is not None:
-                raise ValueError(f"{type(self).__name__} is unconditional (num_classes is not set); pass cond=None")
-            return None
-        cond = torch.as_tensor(cond, dtype=torch.long, device=self.device)
-        cond = cond.expand(n) if cond.dim() == 0 else cond
-        if cond.shape != (n,) or bool(((cond < 0) | (cond > self.num_classes)).any()):
-            raise ValueError(f"cond must be {n} labels in 0..{self.num_classes - 1} (or the null class "
-                             f"{self.num_classes}), got {cond.tolist()}")
-        return cond
+    def null_cond(self, n: int) -> Cond:
+        return self.conditioner.null(n, self.device)
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None, use_ema: bool = True,
                **sampler_kw: Any) -> torch.Tensor:
-        """`n` images in [-1, 1], (n, C, H, W); `cond` class labels (one, or one per image)."""
-        with self.ema_weights(use_ema):
-            latents = self.sample_latents(n, self._labels(n, cond), generator, **sampler_kw)
+        """`n` images in [-1, 1], (n, C, H, W); `cond` as the conditioner describes (e.g. class labels)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        latents = self.sample_latents(n, self.user_cond(cond, n), generator, ema=use_ema, **sampler_kw)
         return self.decode(latents)
 
     def latent_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -190,9 +307,10 @@ class LatentPrior(pl.LightningModule):
         images = images.to(self.device)
         mask = mask.to(self.device)
         known = self.latent_mask(mask, images)
-        latents = self.encode(images)
-        with self.ema_weights(use_ema):
-            out = self.inpaint_latents(latents, known, self._labels(images.shape[0], cond), generator, **sampler_kw)
+        enc = self.first_stage_model.encode_for_prior(images, kind=self.latent_kind)
+        latents = self.latents_from_encoding(enc, mode=True)
+        out = self.inpaint_latents(latents, known, self.user_cond(cond, images.shape[0]), generator,
+                                   ema=use_ema, **sampler_kw)
         decoded = self.decode(out)
         if paste:
             m = mask if mask.dim() == 4 else mask[:, None]
@@ -202,34 +320,59 @@ class LatentPrior(pl.LightningModule):
     @torch.no_grad()
     def nll(self, batch: Mapping[str, Any], use_ema: bool = True, **kw: Any) -> torch.Tensor:
         """Negative log-likelihood bound per sample, in bits per latent dimension (per token for VQ)."""
-        with self.ema_weights(use_ema):
-            return self.nll_latents(self.get_latents(batch), self.get_cond(batch), **kw)
+        return self.nll_latents(self.get_latents(batch, mode=True), self.get_cond(batch), ema=use_ema, **kw)
 
     # --- Lightning ----------------------------------------------------------------------------
+    def training_generator(self, batch_idx: int) -> torch.Generator:
+        """The noise of one training batch: seeded by the run's seed and the batch's position, the same on
+        every rank (each keeps its rows of the global draw) and after a resume."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return step_generator(seed, self.current_epoch, batch_idx, device=self.device)
+
+    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._scale_restored:
+            self.estimate_scale(batch)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._scale_restored = True
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, logs = self.compute_loss(self.get_latents(batch), self.drop_cond(self.get_cond(batch)))
+        g = self.training_generator(batch_idx)
+        cond = self.conditioner.drop(self.get_cond(batch), self.cond_drop_prob, generator=g)
+        loss, logs = self.compute_loss(self.get_latents(batch, generator=g), cond, generator=g)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         return loss
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        if self.model_ema is not None:
-            self.model_ema(self.model)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The EMA follows optimizer steps (not micro-batches under gradient accumulation)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self, names: Sequence[str] | None = None) -> None:
+        for name in names or self.network_names:
+            ema = getattr(self, f"{name}_ema", None)
+            if ema is not None:
+                ema.update(getattr(self, name))
+
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
+        g = step_generator(0, batch_idx, device=self.device)  # the same draws at every validation
+        loss, logs = self.compute_loss(self.get_latents(batch, generator=g), self.get_cond(batch), generator=g, ema=True)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
+        self.log_dict({f"{split}/{k}": v for k, v in logs.items()}, sync_dist=True)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        with self.ema_weights():
-            loss, logs = self.compute_loss(self.get_latents(batch), self.get_cond(batch))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True)
+        self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        with self.ema_weights():
-            loss, logs = self.compute_loss(self.get_latents(batch), self.get_cond(batch))
-        self.log("test/loss", loss, sync_dist=True)
-        self.log_dict({f"test/{k}": v for k, v in logs.items()}, sync_dist=True)
+        self._eval_step(batch, batch_idx, "test")
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        params = [p for name in self.network_names for p in getattr(self, name).parameters()]
+        return params + [p for p in self.conditioner.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, betas=self.betas,
+        opt = torch.optim.AdamW(self.trained_parameters(), lr=self.learning_rate, betas=self.betas,
                                 weight_decay=self.weight_decay)
         if not self.warmup_steps:
             return opt
@@ -239,15 +382,15 @@ class LatentPrior(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, split: str = "train", **kw: Any) -> dict[str, torch.Tensor]:
-        """Samples (with the batch's labels when conditional) and first-stage reconstructions."""
+        """Samples (with the batch's conditioning) and first-stage reconstructions."""
         out: dict[str, torch.Tensor] = {}
-        latents = self.get_latents(batch)[:N]
+        latents = self.get_latents(batch, mode=True)[:N]
         n = latents.shape[0]
         out["reconstructions"] = self.decode(latents)
         if self.image_key in batch:
             out["inputs"] = batch[self.image_key][:N]
-        cond = self.get_cond(batch)
-        cond = cond[:n] if cond is not None else None
+        cond = {k: v[:n] for k, v in self.get_cond(batch).items()} or None
         g = torch.Generator(device=self.device).manual_seed(0)
         out["samples"] = self.sample(n, cond=cond, generator=g, **{**self.log_sample_kwargs, **kw})
         return out
+

@@ -56,7 +56,7 @@ def test_larger_than_training_samples():
     model = build().eval()
     images = model.sample(1, cond=[2], shape=(12, 10), steps=4, generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 1, 24, 20)  # f = 2 in the tiny first stage
-    raster = model.sample_latents(1, torch.tensor([2]), torch.Generator().manual_seed(0), shape=(9, 9),
+    raster = model.sample_latents(1, model.user_cond([2], 1), torch.Generator().manual_seed(0), shape=(9, 9),
                                   order="raster", steps=81)
     assert raster.shape == (1, 9, 9)
     with pytest.raises(ValueError, match="at least the training shape"):
@@ -92,5 +92,5 @@ def test_unconditional_prior_refuses_labels():
     model = build(**{"model.params.num_classes": None}).eval()
     with pytest.raises(ValueError, match="is unconditional"):
         model.sample(1, cond=[1])
-    with pytest.raises(ValueError, match=r"cond must be 2 labels in 0..9"):
+    with pytest.raises(ValueError, match=r"cond must be a class label or one per sample, in 0..9"):
         build().eval().sample(2, cond=[1, 12])

@@ -81,15 +81,16 @@ def test_top_k_top_p():
 def test_guidance_closed_form():
     def net(x, t, cond):  # class 0 prefers token 0, the null class (2) is uniform
         out = torch.zeros(x.shape[0], x.shape[1], 3)
-        out[cond == 0, :, 0] = 1.0
+        out[cond["class_label"] == 0, :, 0] = 1.0
         return out
 
-    x, t, c = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-    lp = guided_logits(net, x, t, c, torch.tensor([2]), scale=3.0)
+    x, t = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    c, null = {"class_label": torch.zeros(1, dtype=torch.long)}, {"class_label": torch.tensor([2])}
+    lp = guided_logits(net, x, t, c, null, scale=3.0)
     # log p_u + 3 (log p_c - log p_u) = const + 3 * [1, 0, 0] before renormalising
     expected = torch.tensor([3.0, 0.0, 0.0]).log_softmax(-1)
     torch.testing.assert_close(lp[0, 0], expected)
-    torch.testing.assert_close(guided_logits(net, x, t, c, torch.tensor([2]), 1.0), net(x, t, c))
+    torch.testing.assert_close(guided_logits(net, x, t, c, null, 1.0), net(x, t, c))
 
 
 def test_windows_cover_and_average():

@@ -1,34 +1,48 @@
 """The contract every prior keeps, run over each prior's tiny config (diffusers' common-test pattern).
 
-A new prior passes by adding its config to PRIOR_CONFIGS.
+A new prior passes by adding its config to PRIOR_CONFIGS and, if its conditioning is not class
+labels, a valid `cond` to `valid_cond`.
 """
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import export_safetensors, load_into
+from ldm.checkpoint import instantiate_from_checkpoint, read_checkpoint
+from ldm.conditioning import ClassLabel
+from ldm.train import main
 from ldm.util import instantiate_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
 PRIOR_CONFIGS = ["absorbing.yaml"]
 
 
-def build(name: str):
-    torch.manual_seed(0)
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
     cfg = OmegaConf.load(CONFIGS / name)
     return instantiate_from_config(cfg.model, key="model"), cfg
 
 
+def image_shape(model) -> tuple[int, int, int]:
+    dd = model.first_stage_model.ddconfig
+    return dd["in_channels"], dd["resolution"], dd["resolution"]
+
+
 def fake_batch(model, n=4):
     g = torch.Generator().manual_seed(0)
-    res = model.first_stage_model.ddconfig["resolution"]
-    c = model.first_stage_model.ddconfig["in_channels"]
-    return {"image": torch.rand(n, c, res, res, generator=g) * 2 - 1, "class_label": torch.arange(n) % 10}
+    return {"image": torch.rand(n, *image_shape(model), generator=g) * 2 - 1, "class_label": torch.arange(n) % 10}
+
+
+def valid_cond(model, n):
+    if isinstance(model.conditioner, ClassLabel):
+        return [i % model.num_classes for i in range(1, n + 1)]
+    return model.null_cond(n)
 
 
 @pytest.fixture(params=PRIOR_CONFIGS, scope="module")
@@ -43,39 +57,112 @@ def test_loss_is_finite_and_gradients_reach_every_parameter(prior):
     batch = fake_batch(model)
     loss, logs = model.compute_loss(model.get_latents(batch), model.get_cond(batch))
     assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
-    model.model.zero_grad()
+    model.zero_grad()
     loss.backward()
-    missing = [n for n, p in model.model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    params = dict(model.named_parameters())
+    trained = {id(p) for p in model.trained_parameters()}
+    missing = [n for n, p in params.items() if id(p) in trained and (p.grad is None or not p.grad.any())]
     assert not missing, f"no gradient reaches {missing}"
     assert all(p.grad is None for p in model.first_stage_model.parameters())  # frozen
+    # the trainable set is exactly the networks (+ a trainable conditioner): no EMA copy, no first stage
+    assert {n for n, p in params.items() if p.requires_grad} == {n for n, p in params.items() if id(p) in trained}
+
+
+def test_frozen_first_stage_is_built_without_its_training_loss(prior):
+    model, cfg, _ = prior
+    assert "lossconfig" in cfg.model.params.first_stage_config.params  # the config names a loss ...
+    assert isinstance(model.first_stage_model.loss, torch.nn.Identity)  # ... but none is built
+    assert not [k for k in model.state_dict() if k.startswith("first_stage_model.loss.")]
 
 
 def test_sample_shape_dtype_range_and_determinism(prior):
     model, _, _ = prior
     model.eval()
-    images = model.sample(3, cond=[1, 2, 3], generator=torch.Generator().manual_seed(0))
-    res = model.first_stage_model.ddconfig["resolution"]
-    assert images.shape == (3, model.first_stage_model.ddconfig["out_ch"], res, res)
+    cond = valid_cond(model, 3)
+    images = model.sample(3, cond=cond, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, *image_shape(model))
     assert images.dtype == torch.float32 and images.min() >= -1 and images.max() <= 1
-    again = model.sample(3, cond=[1, 2, 3], generator=torch.Generator().manual_seed(0))
+    again = model.sample(3, cond=cond, generator=torch.Generator().manual_seed(0))
     assert torch.equal(images, again)
-    other = model.sample(3, cond=[1, 2, 3], generator=torch.Generator().manual_seed(1))
+    other = model.sample(3, cond=cond, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(images, other)
 
 
-def test_checkpoint_round_trip(prior, tmp_path):
-    model, _, name = prior
-    model.eval()
-    path = tmp_path / "prior.safetensors"
-    export_safetensors(model.state_dict(), path)
-    fresh, _ = build(name)
-    from ldm.checkpoint import load_state_dict
+def test_sample_validates_cond_against_the_conditioner(prior):
+    model, _, _ = prior
+    if isinstance(model.conditioner, ClassLabel):
+        k = model.num_classes
+        with pytest.raises(ValueError, match=rf"cond must be a class label or one per sample, in 0..{k - 1}"):
+            model.sample(2, cond=[0, k + 1])
+        with pytest.raises(ValueError, match="cond must be a class label"):
+            model.sample(2, cond=[0, 1, 2])  # 3 labels for 2 samples
+    with pytest.raises(ValueError, match=r"cond must have the keys"):
+        model.sample(2, cond={"not_a_key": torch.zeros(2)})
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        model.sample(0)
 
-    load_into(fresh, load_state_dict(path))
+
+def test_sampling_leaves_the_trained_weights_alone(prior):
+    model, _, _ = prior
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.sample(2, cond=valid_cond(model, 2), generator=torch.Generator().manual_seed(0), use_ema=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ema_is_updated_once_per_optimizer_step(prior, tmp_path):
+    """With gradient accumulation 2 over 4 batches there are 2 optimizer steps, hence 2 EMA updates."""
+    _, _, name = prior
+    model, cfg = build(name)
+    ema = model.model_ema
+    start = {k: v.clone() for k, v in ema.averaged.state_dict().items()}
+    data = instantiate_from_config(cfg.data, key="data")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=data)
+    assert int(ema.num_updates) == 2 == trainer.global_step
+    averaged = ema.averaged.state_dict()
+    live = dict(model.model.named_parameters())
+    moved = [k for k in start if not torch.equal(start[k], averaged[k])]
+    assert moved, "the EMA copy never moved"
+    assert any(not torch.equal(averaged[k], live[k]) for k in moved), "the EMA copy is the live network"
+
+
+@pytest.mark.parametrize("name", PRIOR_CONFIGS)
+def test_checkpoint_from_main_samples_with_its_ema_weights(name, tmp_path):
+    """Train a few steps through main.py, reload into a model built with another seed, compare samples
+    against an oracle network that holds the file's EMA tensors as its plain weights."""
+    logroot = tmp_path / "logs"
+    main(["--base", str(CONFIGS / name), "-t", "--no-test", "-l", str(logroot), "-n", "contract",
+          "lightning.trainer.max_steps=3", "lightning.trainer.val_check_interval=3"])
+    ckpt = glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))[0]
+    stored = read_checkpoint(ckpt)["state_dict"]
+    ema_keys = [k for k in stored if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")]
+    assert ema_keys and int(stored["model_ema.num_updates"]) == 3
+
+    torch.manual_seed(1234)  # the loaded model starts from other random weights
+    loaded, _ = instantiate_from_checkpoint(ckpt)
+    oracle, _ = build(name, seed=99)
+    oracle_state = {k: v for k, v in stored.items() if not k.startswith("model.")}
+    for pname, _ in oracle.model.named_parameters():  # the file's EMA tensors as the oracle's live weights
+        oracle_state["model." + pname] = stored["model_ema." + pname.replace(".", "")]
+    for bname, buf in oracle.model.named_buffers():
+        oracle_state["model." + bname] = stored.get("model." + bname, buf)
+    oracle.load_state_dict(oracle_state)
+    oracle.eval()
+    fresh, _ = build(name, seed=1234)
     fresh.eval()
-    a = model.sample(2, cond=[4, 5], generator=torch.Generator().manual_seed(3))
-    b = fresh.sample(2, cond=[4, 5], generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+
+    cond = valid_cond(loaded, 4)
+    draw = dict(generator=torch.Generator().manual_seed(5))
+    ema_samples = loaded.sample(4, cond=cond, **draw)
+    assert torch.equal(ema_samples, oracle.sample(4, cond=cond, use_ema=False, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(ema_samples, fresh.sample(4, cond=cond, generator=torch.Generator().manual_seed(5)))
+    live = {k: v for k, v in loaded.state_dict().items() if k.startswith("model.")}
+    assert all(torch.equal(live[k], stored[k]) for k in live)  # the trained weights load too
+    assert any((stored["model_ema." + k[6:].replace(".", "")] - stored[k]).abs().max() > 1e-6
+               for k in live if "model_ema." + k[6:].replace(".", "") in stored)  # and differ from the EMA
 
 
 def test_inpainting_keeps_the_known_region(prior):
@@ -85,13 +172,14 @@ def test_inpainting_keeps_the_known_region(prior):
     images = batch["image"]
     mask = torch.zeros(2, 1, *images.shape[2:])
     mask[..., : images.shape[2] // 2, :] = 1  # keep the top half
-    out = model.inpaint(images, mask, cond=[0, 1], generator=torch.Generator().manual_seed(0))
+    cond = valid_cond(model, 2)
+    out = model.inpaint(images, mask, cond=cond, generator=torch.Generator().manual_seed(0))
     assert out.shape == images.shape
     assert torch.equal(out * mask, images * mask)  # known pixels are pasted back
     latents = model.encode(images)
     known = model.latent_mask(mask, images)
     assert known.any() and not known.all()
-    filled = model.inpaint_latents(latents, known, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    filled = model.inpaint_latents(latents, known, model.user_cond(cond, 2), torch.Generator().manual_seed(0))
     assert torch.equal(filled[known], latents[known])
 
 
