@@ -9,8 +9,8 @@ import torch
 
 from absorbing.process import AbsorbingDiffusion, LossType, MaskSchedule, TimeSampling
 from absorbing.sampling import Order, sample
-from absorbing.windows import windowed_denoiser
 from absorbing.unleashing import convert_sampler_state_dict
+from absorbing.windows import windowed_denoiser
 from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
 from ldm.util import instantiate_from_config
