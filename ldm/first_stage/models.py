@@ -1,14 +1,15 @@
 """`VQModel` (VQGAN, Esser et al. 2021) and `AutoencoderKL` (Rombach et al. 2022) on Lightning 2.
 
 State-dict layouts equal taming-transformers' `VQModel` and latent-diffusion's `AutoencoderKL`, so
-their `.ckpt` files load. Both offer one interface to the priors: `encode_to_latent` /
-`decode_latent`, `latent_kind` and `latent_shape()`.
+their `.ckpt` files load. Both offer one interface to the priors: `latent_kinds` (the first is the
+default `latent_kind`), `encode_for_prior(x, kind)`, `decode_latent(z, kind)` and `latent_shape(kind=...)`;
+no caller needs to ask which model it holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -22,11 +23,13 @@ from ldm.first_stage.quantize import VectorQuantizer
 from ldm.util import instantiate_from_config
 
 TRAINING_ONLY = ("loss.",)  # discriminator / perceptual net: absent from inference checkpoints
+LatentKind = Literal["tokens", "continuous"]
 
 
 class FirstStageModel(pl.LightningModule):
     """Encoder/decoder, loss, EMA, checkpoint loading and the two-optimizer GAN step shared by both models."""
 
+    latent_kinds: tuple[str, ...] = ()  # what a prior may model; the first is the default
     latent_kind: str = ""
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -65,11 +68,22 @@ class FirstStageModel(pl.LightningModule):
         print(f"Restored {type(self).__name__} from {path}")
 
     # --- shared interface --------------------------------------------------------------------------
-    def latent_shape(self, image_size: int | None = None) -> tuple[int, int]:
-        """(h, w) of the latent grid for square images of `image_size` (default: the config's resolution)."""
+    def resolve_kind(self, kind: str | None) -> str:
+        """`kind`, or the default `latent_kind`; ValueError naming the supported kinds otherwise."""
+        kind = self.latent_kind if kind is None else kind
+        if kind not in self.latent_kinds:
+            raise ValueError(f"{type(self).__name__} offers latents of kind {' or '.join(map(repr, self.latent_kinds))}, "
+                             f"not {kind!r}")
+        return kind
+
+    def latent_shape(self, image_size: int | None = None, kind: str | None = None) -> tuple[int, ...]:
+        """Per-image latent shape for square images of `image_size` (default: the config's resolution):
+        (h, w) for tokens, (embed_dim, h, w) for continuous latents."""
+        kind = self.resolve_kind(kind)
         res = image_size or int(self.ddconfig["resolution"])
         f = 2 ** (len(self.ddconfig["ch_mult"]) - 1)
-        return res // f, res // f
+        h = w = res // f
+        return (h, w) if kind == "tokens" else (self.embed_dim, h, w)
 
     def get_input(self, batch: Mapping[str, Any], key: str | None = None) -> torch.Tensor:
         """Images (B, C, H, W) float; the anchors' (B, H, W, C) layout is converted."""
@@ -155,6 +169,7 @@ class FirstStageModel(pl.LightningModule):
 class VQModel(FirstStageModel):
     """VQGAN: encoder -> 1x1 conv -> vector quantiser -> 1x1 conv -> decoder."""
 
+    latent_kinds = ("tokens", "continuous")
     latent_kind = "tokens"
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
@@ -212,8 +227,33 @@ class VQModel(FirstStageModel):
         quant = self.quantize.get_codebook_entry(idx.reshape(b, -1), (b, h, w, self.embed_dim))
         return self.decode(quant)
 
-    encode_to_latent = encode_to_indices
-    decode_latent = decode_indices
+    def encode_for_prior(self, x: torch.Tensor, kind: LatentKind | None = None) -> dict[str, torch.Tensor]:
+        """What a prior models: `{"tokens": (B, h, w) long}`, or `{"latent": (B, embed_dim, h, w)}` the
+        pre-quantisation latent `quant_conv(encoder(x))` that latent-diffusion's LDM-VQ priors use."""
+        if self.resolve_kind(kind) == "tokens":
+            return {"tokens": self.encode_to_indices(x)}
+        return {"latent": self.quant_conv(self.encoder(x))}  # (B, embed_dim, h, w)
+
+    def quantize_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest codebook vectors of a continuous latent (B, embed_dim, h, w), through the quantiser's own
+        lookup (projection, normalisation as when encoding); its training-time codebook updates stay off."""
+        was_training = self.quantize.training
+        self.quantize.eval()
+        try:
+            return self.quantize(z)[0]  # (B, embed_dim, h, w)
+        finally:
+            self.quantize.train(was_training)
+
+    def decode_latent(self, z: torch.Tensor, kind: LatentKind | None = None) -> torch.Tensor:
+        """Images from tokens (B, h, w), or from a continuous latent (B, embed_dim, h, w): quantised to the
+        nearest codes first, as latent-diffusion's VQ first stage decodes by default."""
+        if self.resolve_kind(kind) == "tokens":
+            return self.decode_indices(z)
+        return self.decode(self.quantize_latent(z))
+
+    def encode_to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, h, w) long: the default latent, for callers that predate `encode_for_prior`."""
+        return self.encode_to_indices(x)
 
     def log_extra_train_metrics(self) -> None:
         stats = self.quantize.usage_stats()
@@ -235,6 +275,7 @@ class VQModel(FirstStageModel):
 class AutoencoderKL(FirstStageModel):
     """KL-regularised autoencoder with a diagonal Gaussian posterior over (B, embed_dim, h, w)."""
 
+    latent_kinds = ("continuous",)
     latent_kind = "continuous"
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -268,10 +309,21 @@ class AutoencoderKL(FirstStageModel):
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-    def encode_to_latent(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x).mode()  # (B, embed_dim, h, w)
+    def encode_for_prior(self, x: torch.Tensor, kind: LatentKind | None = None) -> dict[str, torch.Tensor]:
+        """The posterior `{"posterior_mean", "posterior_logvar"}`, each (B, embed_dim, h, w), the
+        log-variance clamped to [-30, 20] as `DiagonalGaussianDistribution` does: a prior can sample
+        z = mean + exp(logvar / 2) * eps anew every epoch, or take the mean."""
+        self.resolve_kind(kind)
+        posterior = self.encode(x)
+        return {"posterior_mean": posterior.mean, "posterior_logvar": posterior.logvar}
 
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+    def encode_to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mode (B, embed_dim, h, w): the default latent, for callers that predate `encode_for_prior`."""
+        return self.encode(x).mode()
+
+    def decode_latent(self, z: torch.Tensor, kind: LatentKind | None = None) -> torch.Tensor:
+        """Images from a latent (B, embed_dim, h, w)."""
+        self.resolve_kind(kind)
         return self.decode(z)
 
     @torch.no_grad()
