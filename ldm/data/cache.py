@@ -166,6 +166,16 @@ class LatentCache(Dataset):
         if expect is not None:
             self.check_compatible(expect)
 
+    @staticmethod
+    def image_dataset_config(root: str, expect: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The config of the image data set the cache at `root` was encoded from (as `cache_split`
+        records it), without loading the shards; None if the cache or that record is missing."""
+        meta_path = Path(root) / META
+        if not meta_path.exists():
+            return None
+        dataset = json.loads(meta_path.read_text()).get("dataset")
+        return dict(dataset) if isinstance(dataset, Mapping) else None
+
     @property
     def latent_kind(self) -> str:
         return self.meta.get("latent_kind") or self.meta["fingerprint"]["latent_kind"]
