@@ -97,3 +97,29 @@ def test_sample_options_in_every_documented_form():
         sample.parse_args(["-r", "x.ckpt", "oops"])
     with pytest.raises(SystemExit, match="got '--steps'"):
         sample.parse_args(["-r", "x.ckpt", "--steps"])
+
+
+@pytest.mark.slow
+def test_evaluate_scores_samples_against_the_stored_split(tmp_path):
+    from tests.data.test_fmnist import fmnist_available
+
+    if not fmnist_available():
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    import glob
+    import json
+
+    from ldm.train import main as train
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "test" / "absorbing.yaml"
+    train(["--base", str(config), "-t", "--no-test", "-l", str(tmp_path), "-n", "absorbing"])
+    ckpt = glob.glob(str(tmp_path / "*_absorbing" / "checkpoints" / "last.ckpt"))[0]
+    out = tmp_path / "eval.json"
+    # the tiny config has no test split; its validation images are 16x16, which the classifier resizes
+    assert load("evaluate").main(["-r", ckpt, "-n", "4", "--batch-size", "4", "--eval-split", "validation",
+                                  "--sweep", "steps=2", "--bf16", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["reference_images"] == "data.params.validation" and result["bf16"]
+    assert set(result["first_stage_reconstructions"]) == {"FD_fmnist", "conditional_accuracy"}
+    assert len(result["rows"]) == 1 and result["rows"][0]["steps"] == 2 and result["rows"][0]["FD_fmnist"] >= 0
+    with pytest.raises(SystemExit, match="no data.params.test; choose a split it has"):
+        load("evaluate").main(["-r", ckpt, "-n", "4", "--out", str(tmp_path / "e2.json")])
