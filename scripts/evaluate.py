@@ -1,11 +1,18 @@
-"""Evaluate a trained prior on Fashion-MNIST: conditional accuracy and FD_fmnist of its samples against
-the test split, the ELBO on the test split, over a sweep of sampler settings (a table as JSON and Markdown).
+"""Evaluate a trained prior: conditional accuracy and FD_fmnist of its samples against the evaluation
+split, the ELBO on held-out latents, over a sweep of sampler settings (a table as JSON and Markdown).
 
     python scripts/evaluate.py -r logs/<prior run>/checkpoints/last.ckpt -n 1000 \
         --sweep temperature=1.0,0.9 steps=16,64 guidance_scale=1,2 --elbo-limit 10000 --elbo-strata 4
+    python scripts/evaluate.py -r logs/<prior run>/checkpoints/last.ckpt -n 0 --elbo-split validation --elbo-limit 8 --bf16
 
-`--bf16` runs the denoiser under bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16); sampling
-and the scores themselves stay in float32.
+The reference images (and the first-stage reconstructions scored beside the samples) are the split
+`--eval-split` of the checkpoint's own data config; for a prior trained on a latent cache, the images
+that cache was encoded from. The Fashion-MNIST classifier adapts their size and channels itself
+(`ldm.metrics.classifier`).
+
+`--bf16` runs the prior (sampling, the ELBO, first-stage encoding and decoding) under bfloat16
+autocast, about 2x faster on CPUs with AVX512-BF16; the classifier's features and predictions, and the
+scores, stay float32.
 """
 
 from __future__ import annotations
@@ -15,16 +22,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
-from ldm.data.fmnist import FashionMNIST  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, classifier_outputs, load_classifier  # noqa: E402
+from ldm.metrics.eval_data import image_split  # noqa: E402
 from ldm.metrics.frechet import feature_statistics  # noqa: E402
 from ldm.metrics.prior_eval import dataset_images, elbo_bits, generate, sample_scores, sweep  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -41,65 +49,82 @@ def parse_sweep(items: list[str]) -> dict[str, list]:
 
 
 @torch.no_grad()
-def reconstruction_scores(prior, n: int, classifier, ref_stats) -> dict:
-    """The same scores for n first-stage reconstructions of test images: what a perfect prior would get."""
-    test = FashionMNIST("test", size=32)
-    batches = DataLoader(Subset(test, range(min(n, len(test)))), batch_size=250)
+def reconstruct(prior: Any, dataset: Dataset, n: int, batch_size: int = 250
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """First-stage reconstructions (float32, on the CPU) of the first `n` images, and their labels if any:
+    what a perfect prior would reach. Only prior calls happen here, so autocast may wrap it."""
     images, labels = [], []
-    for batch in batches:
-        images.append(prior.decode(prior.encode(batch["image"].to(prior.device))).cpu())
-        labels.append(batch["class_label"])
-    return sample_scores(torch.cat(images), torch.cat(labels), classifier, ref_stats)
+    for batch in DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size):
+        images.append(prior.decode(prior.encode(batch["image"].to(prior.device))).float().cpu())
+        if "class_label" in batch:
+            labels.append(torch.as_tensor(batch["class_label"]).long())
+    return torch.cat(images), (torch.cat(labels) if labels else None)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--resume", required=True)
     p.add_argument("-n", "--num-samples", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--sweep", nargs="*", default=[], help="sampler settings, e.g. temperature=1.0,0.9 steps=16,64")
-    p.add_argument("--elbo-limit", type=int, default=0, help="test items for the ELBO (0 = skip)")
+    p.add_argument("--elbo-limit", type=int, default=0, help="held-out items for the ELBO (0 = skip)")
     p.add_argument("--elbo-split", default="test", help="data.params split holding the held-out latents")
     p.add_argument("--elbo-strata", type=int, default=None,
                    help="estimate the all-T ELBO from this many stratified timesteps per item (default: all T)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the networks")
+    p.add_argument("--eval-split", default="test",
+                   help="data.params split whose images are the reference for FD_fmnist and the reconstructions")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the prior (not the classifier)")
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER_PATH))
-    p.add_argument("--test-limit", type=int, default=None, help="test images for the reference statistics")
+    p.add_argument("--test-limit", type=int, default=None, help="reference images for the statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     prior, config = instantiate_from_checkpoint(args.resume)
     out = Path(args.out) if args.out else Path(args.resume).with_suffix(".eval.json")
     if out.suffix != ".json":  # the Markdown table goes beside it as <name>.md
         out = out.with_name(out.name + ".json")
+
+    def prior_precision():
+        """Autocast for prior calls only; the classifier switches it off for itself in any case."""
+        return torch.autocast(prior.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
     result: dict = {"checkpoint": args.resume, "num_samples": args.num_samples, "bf16": args.bf16, "rows": []}
-    with torch.autocast(prior.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        if args.elbo_limit:
-            split_cfg = config["data"]["params"][args.elbo_split]
-            dataset = instantiate_from_config(split_cfg, key=f"data.params.{args.elbo_split}")
-            nll_kw = {"strata": args.elbo_strata} if args.elbo_strata else {}
+    if args.elbo_limit:
+        split_cfg = config["data"]["params"][args.elbo_split]
+        dataset = instantiate_from_config(split_cfg, key=f"data.params.{args.elbo_split}")
+        nll_kw = {"strata": args.elbo_strata} if args.elbo_strata else {}
+        with prior_precision():
             result["elbo_bits_per_dim"] = elbo_bits(prior, dataset, limit=args.elbo_limit, seed=args.seed, **nll_kw)
-            result.update(elbo_strata=args.elbo_strata, elbo_items=min(args.elbo_limit, len(dataset)),
-                          elbo_split=args.elbo_split)
-            print(f"ELBO: {result['elbo_bits_per_dim']:.4f} bits per dimension", flush=True)
-            out.write_text(json.dumps(result, indent=2))
-        if args.num_samples:
-            classifier = load_classifier(args.classifier)
-            test = dataset_images(FashionMNIST("test", size=32), limit=args.test_limit)
-            ref_stats = feature_statistics(classifier_outputs(classifier, test)[0])
-            result["first_stage_reconstructions"] = reconstruction_scores(prior, args.num_samples, classifier,
-                                                                          ref_stats)
-            print("first-stage reconstructions:", result["first_stage_reconstructions"], flush=True)
-            for setting in sweep(parse_sweep(args.sweep)) or [{}]:
-                t0 = time.time()
+        result.update(elbo_strata=args.elbo_strata, elbo_items=min(args.elbo_limit, len(dataset)),
+                      elbo_split=args.elbo_split)
+        print(f"ELBO: {result['elbo_bits_per_dim']:.4f} bits per dimension", flush=True)
+        out.write_text(json.dumps(result, indent=2))
+    if args.num_samples:
+        classifier = load_classifier(args.classifier)
+        try:
+            reference, source = image_split(config, args.eval_split)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        result.update(eval_split=args.eval_split, reference_images=source)
+        ref_stats = feature_statistics(classifier_outputs(classifier, dataset_images(reference, args.test_limit))[0])
+        with prior_precision():
+            images, labels = reconstruct(prior, reference, args.num_samples)
+        result["first_stage_reconstructions"] = sample_scores(images, labels, classifier, ref_stats)
+        print("first-stage reconstructions:", result["first_stage_reconstructions"], flush=True)
+        for setting in sweep(parse_sweep(args.sweep)) or [{}]:
+            t0 = time.time()
+            with prior_precision():
                 images, labels = generate(prior, args.num_samples, prior.num_classes, args.batch_size, args.seed,
                                           **setting)
-                row = {**setting, **sample_scores(images, labels, classifier, ref_stats),
-                       "seconds": round(time.time() - t0, 1)}
-                print(row, flush=True)
-                result["rows"].append(row)
-                out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted sweep
+            row = {**setting, **sample_scores(images, labels, classifier, ref_stats),
+                   "seconds": round(time.time() - t0, 1)}
+            print(row, flush=True)
+            result["rows"].append(row)
+            out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted sweep
     out.write_text(json.dumps(result, indent=2))
     if result["rows"]:
         keys = list(result["rows"][0])

@@ -1,6 +1,9 @@
 """Sample a grid from any trained prior; the checkpoint carries its config.
 
     python scripts/sample.py -r logs/<prior run>/checkpoints/last.ckpt --per-class 8 --steps 32 --guidance_scale 2
+    python scripts/sample.py -r logs/<prior run>/checkpoints/last.ckpt -n 16 steps=32 temperature=0.9 shape=[12,12]
+
+Sampler options of the prior follow as `key=value`, `--key value` or `--key=value` (values parsed as YAML).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -19,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    # no abbreviations: an unknown --option is a sampler option, never a prefix of one of these
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py")
     p.add_argument("-n", "--num", type=int, default=16, help="samples (unconditional, or with --cond)")
     p.add_argument("--cond", type=int, default=None, help="one class label for every sample")
@@ -28,14 +34,38 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the trained instead of the EMA weights")
     p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")
-    p.add_argument("kw", nargs="*", help="sampler options as key=value, e.g. steps=32 temperature=0.9 shape=[12,12]")
-    args, extra = p.parse_known_args()
-    sampler_kw = {}
-    for item in args.kw + [e.lstrip("-") for e in extra]:
-        if "=" not in item:
-            raise SystemExit(f"sampler options look like key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        sampler_kw[k] = yaml.safe_load(v)
+    return p
+
+
+def sampler_options(tokens: list[str]) -> dict[str, Any]:
+    """`key=value`, `--key=value` and `--key value` tokens to sampler keyword arguments (YAML values)."""
+    options: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        item = tokens[i]
+        flag = item.startswith("--")
+        item = item[2:] if flag else item
+        if "=" in item:
+            key, value = item.split("=", 1)
+        elif flag and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            key, value = item, tokens[i + 1]
+            i += 1
+        else:
+            raise SystemExit(f"sampler options look like key=value or --key value, got {tokens[i]!r}")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+        i += 1
+    return options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The script's options, plus `sampler_kw` from everything the parser does not know."""
+    args, rest = build_parser().parse_known_args(argv)
+    args.sampler_kw = sampler_options(rest)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     prior, _ = instantiate_from_checkpoint(args.resume)
     if args.per_class:
         if not prior.num_classes:
@@ -53,7 +83,7 @@ def main() -> int:
         bar.update(1)
 
     images = prior.sample(n, cond=cond, generator=torch.Generator().manual_seed(args.seed), use_ema=not args.no_ema,
-                          callback=progress, **sampler_kw)
+                          callback=progress, **args.sampler_kw)
     bar.close()
     out = Path(args.out) if args.out else Path(args.resume).with_name(f"samples_seed{args.seed}.png")
     torchvision.utils.save_image((torchvision.utils.make_grid(images, nrow=nrow) + 1) / 2, out)

@@ -3,6 +3,8 @@
 Files are listed from a folder (recursively) or from a split-list file of relative paths, as the
 anchors ship them. Odd images are converted (grayscale, CMYK, palette, 16-bit, RGBA composited on
 white); unreadable, truncated or oversized files are skipped and counted, never crashing an epoch.
+The record of skipped files lives in shared memory, so what DataLoader worker processes find is what
+`skip_report()` returns in the parent.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from torch.utils.data import Dataset
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 Crop = Literal["center", "random", "none"]
+SkipReason = Literal["truncated", "unreadable", "too_large"]
+SKIP_REASONS: tuple[SkipReason, ...] = ("truncated", "unreadable", "too_large")
 
 
 class ImageLoadError(Exception):
     """A file that cannot be used as an image; `reason` is the counter key."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: SkipReason, detail: str):
         super().__init__(detail)
         self.reason = reason
 
@@ -70,7 +74,10 @@ def load_image(path: str | Path, max_pixels: int, allow_truncated: bool = False)
 class ImagePaths(Dataset):
     """Items `{"image": (3, size, size) in [-1, 1], "file_path_": str}` (+ `class_label` when given).
 
-    A bad file is replaced by the next good one and counted in `skipped` (reason -> count).
+    A bad file is replaced by the next good one and counted once, by reason, in `skip_report()`. Which
+    file was skipped for which reason is one byte per file in a tensor in shared memory, created here:
+    DataLoader workers (forked or spawned) write into the same memory the parent reads, and a file two
+    workers both find bad still counts once.
     """
 
     def __init__(self, paths: Sequence[str | Path], size: int, labels: Sequence[int] | None = None,
@@ -85,8 +92,8 @@ class ImagePaths(Dataset):
         self.size, self.crop, self.flip = size, crop, flip
         self.max_pixels, self.allow_truncated = max_pixels, allow_truncated
         self.root = root
-        self.skipped: Counter[str] = Counter()
-        self._bad: set[int] = set()
+        # 0: not known bad; 1 + i: skipped for SKIP_REASONS[i]
+        self._skip_codes = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()  # (N,)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,23 +120,34 @@ class ImagePaths(Dataset):
     def __getitem__(self, i: int) -> dict:
         for offset in range(len(self.paths)):
             j = (i + offset) % len(self.paths)
-            if j in self._bad:
+            if self._skip_codes[j]:
                 continue
             try:
                 img = load_image(self.paths[j], self.max_pixels, self.allow_truncated)
             except ImageLoadError as e:
-                self._bad.add(j)
-                self.skipped[e.reason] += 1
-                log.warning("skipping image (%s): %s", e.reason, e)
+                reason = e.reason if e.reason in SKIP_REASONS else "unreadable"
+                self._skip_codes[j] = 1 + SKIP_REASONS.index(reason)
+                log.warning("skipping image (%s): %s", reason, e)
                 continue
             item = {"image": self.preprocess(img), "file_path_": self.paths[j]}
             if self.labels is not None:
                 item["class_label"] = int(self.labels[j])
             return item
-        raise ValueError(f"every image{f' in {self.root}' if self.root else ''} is unreadable: {dict(self.skipped)}")
+        raise ValueError(f"every image{f' in {self.root}' if self.root else ''} is unreadable: {self.skip_report()}")
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Files skipped so far by reason, in this process and every DataLoader worker."""
+        counts = torch.bincount(self._skip_codes.long(), minlength=len(SKIP_REASONS) + 1)[1:]
+        return Counter({r: int(c) for r, c in zip(SKIP_REASONS, counts.tolist(), strict=True) if c})
 
     def skip_report(self) -> dict[str, int]:
         return dict(self.skipped)
+
+    def skipped_files(self) -> dict[str, str]:
+        """Path -> reason of every file skipped so far."""
+        bad = self._skip_codes.nonzero().flatten().tolist()
+        return {self.paths[j]: SKIP_REASONS[int(self._skip_codes[j]) - 1] for j in bad}
 
 
 def list_images(root: str | Path, exts: Sequence[str] = IMAGE_EXTS) -> list[Path]:

@@ -4,11 +4,19 @@ whose predictions give the conditional accuracy of class-conditional samples.
 Inception and VGG weights cannot be downloaded here, so this classifier, trained by
 `scripts/train_classifier.py` and stored in `data/`, stands in for them on Fashion-MNIST. Numbers
 computed with it are named FD_fmnist / rFD_fmnist, never FID.
+
+Every image reaches the network through `FMNISTClassifier.prepare`, the one place that adapts data to
+it: float32, grayscale (RGB by ITU-R BT.601 luma), 32x32 (28x28 padded with background as the
+training data was, any other size resized bilinearly with antialiasing). Other data can be scored that
+way, but the numbers then measure distance in a Fashion-MNIST classifier's features: comparable among
+runs on the same data, not with Fashion-MNIST results. The classifier always runs in float32, also
+inside an autocast region (`scripts/evaluate.py --bf16` speeds up the prior only).
 """
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -21,6 +29,13 @@ DEFAULT_CLASSIFIER_PATH = REPO_ROOT / "data" / "fmnist_classifier.safetensors"
 FEATURE_DIM = 128
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+
+
+def float32_region(device: torch.device | str) -> AbstractContextManager:
+    """Switch off any autocast the caller runs in: the yardstick's numbers never depend on it."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type if device_type in ("cuda", "cpu", "xpu", "mps") else "cpu", enabled=False)
 
 
 def _conv(cin: int, cout: int) -> list[nn.Module]:
@@ -49,27 +64,33 @@ class FMNISTClassifier(nn.Module):
 
     @staticmethod
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        """Check the input: grayscale 32x32 in [-1, 1]; raw 28x28 Fashion-MNIST is padded with -1 to 32x32."""
-        if x.dim() != 4 or x.shape[1] != 1:
-            raise ValueError(
-                f"the Fashion-MNIST classifier takes grayscale images (B, 1, 32, 32) in [-1, 1], got shape {tuple(x.shape)}"
-            )
+        """Images (B, 1 or 3, H, W) in [-1, 1] to the classifier's input (B, 1, 32, 32) float32.
+
+        RGB becomes luma; 28x28 (raw Fashion-MNIST) is padded with -1 to 32x32 as
+        `FashionMNIST(resize_mode="pad")` does; any other size is resized (bilinear, antialiased).
+        """
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError("the Fashion-MNIST classifier takes grayscale or RGB images (B, 1 or 3, H, W) in "
+                             f"[-1, 1], got shape {tuple(x.shape)}")
+        x = x.float()
+        if x.shape[1] == 3:
+            x = (x * x.new_tensor(LUMA)[None, :, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
         if tuple(x.shape[-2:]) == (28, 28):
             x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # (B, 1, 32, 32), as FashionMNIST(resize_mode="pad")
-        if tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(
-                f"the Fashion-MNIST classifier takes 32x32 (or 28x28) images, got {tuple(x.shape[-2:])}; "
-                "resize them to 32x32 first"
-            )
-        return x.float()
+        elif tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False,
+                              antialias=True).clamp(-1.0, 1.0)
+        return x.contiguous()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 128) penultimate features: the embedding behind FD_fmnist."""
-        return self.body(self.prepare(x))
+        """(B, 128) float32 penultimate features: the embedding behind FD_fmnist."""
+        with float32_region(x.device):
+            return self.body(self.prepare(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 10) logits."""
-        return self.head(self.dropout(self.features(x)))
+        """(B, 10) float32 logits."""
+        with float32_region(x.device):
+            return self.head(self.dropout(self.features(x)))
 
 
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> FMNISTClassifier:
@@ -101,16 +122,18 @@ def classifier_hash(net: nn.Module, length: int = 16) -> str:
 @torch.no_grad()
 def classifier_outputs(classifier: FMNISTClassifier, images: torch.Tensor, batch_size: int = 500
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (N, 128) and predicted labels (N,) of images (N, 1, 32, 32) in [-1, 1]."""
+    """Penultimate features (N, 128) float32 and predicted labels (N,) of images (N, C, H, W) in [-1, 1]
+    (see `FMNISTClassifier.prepare`); float32 whatever autocast the caller runs in."""
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()  # BatchNorm running statistics; dropout off
     try:
         feats, preds = [], []
-        for chunk in images.split(batch_size):
-            f = classifier.features(chunk.to(device))  # (b, 128)
-            feats.append(f.cpu())
-            preds.append(classifier.head(f).argmax(1).cpu())
+        with float32_region(device):
+            for chunk in images.split(batch_size):
+                f = classifier.features(chunk.to(device).float())  # (b, 128)
+                feats.append(f.cpu())
+                preds.append(classifier.head(f).argmax(1).cpu())
     finally:
         classifier.train(was_training)
     if not feats:

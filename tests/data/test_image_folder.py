@@ -78,3 +78,19 @@ def test_split_list_and_class_folders(tmp_path):
     cf = ClassFolder(str(tmp_path / "in"), size=8, synsets=["n02", "n01"])
     labels = {cf[i]["file_path_"].split("/")[-2]: cf[i]["class_label"] for i in range(2)}
     assert labels == {"n02": 0, "n01": 1}
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_skips_in_worker_processes_reach_the_parent(tmp_path, context):
+    good = make_folder(tmp_path / "imgs")
+    ds = ImageFolder(str(tmp_path / "imgs"), size=16, max_pixels=200 * 200)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context=context,
+                        persistent_workers=context == "spawn")  # spawning is slow: once for both epochs
+    images = sum(len(batch["image"]) for batch in loader)
+    assert images == len(ds) == good + 4
+    assert ds.skip_report() == {"truncated": 1, "unreadable": 2, "too_large": 1}  # each bad file once
+    assert sorted(p.split("/")[-1] for p in ds.skipped_files()) == ["empty.jpg", "huge.png", "text.png",
+                                                                    "truncated.jpg"]
+    for _ in loader:  # a second epoch finds the same files, already known bad: nothing counted twice
+        pass
+    assert sum(ds.skip_report().values()) == 4

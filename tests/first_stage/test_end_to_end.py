@@ -40,5 +40,5 @@ def test_train_eval_cache(kind, tmp_path):
     subprocess.run([sys.executable, "scripts/cache_latents.py", "-r", ckpt, "--split", "test", "--out",
                     str(tmp_path / "cache")], cwd=REPO, check=True, capture_output=True)
     cache = LatentCache(str(tmp_path / "cache"))
-    key = "tokens" if kind == "vq" else "latent"
+    key = "tokens" if kind == "vq" else "posterior_mean"
     assert len(cache) == 16 and cache[0][key].shape[-2:] == (16, 16)

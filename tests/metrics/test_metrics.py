@@ -10,6 +10,7 @@ from ldm.checkpoint import CheckpointError, export_safetensors
 from ldm.metrics.classifier import (
     DEFAULT_CLASSIFIER_PATH,
     FMNISTClassifier,
+    classifier_outputs,
     conditional_accuracy,
     load_classifier,
 )
@@ -70,8 +71,8 @@ def test_classifier_round_trip_and_errors(tmp_path):
     assert loaded.features(x).shape == (2, 128) and loaded(x).shape == (2, 10)
     with pytest.raises(FileNotFoundError, match="scripts/train_classifier.py"):
         load_classifier(tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="grayscale"):
-        net(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="grayscale or RGB"):
+        net(torch.zeros(1, 2, 32, 32))
     export_safetensors({"x": torch.zeros(1)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="missing key"):
         load_classifier(tmp_path / "bad.safetensors")
@@ -107,3 +108,33 @@ def test_prior_evaluation_helpers():
     scores = sample_scores(images, labels, net, ref)
     assert set(scores) == {"FD_fmnist", "conditional_accuracy"} and scores["FD_fmnist"] >= 0
     assert sweep({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+
+
+def test_classifier_runs_in_float32_inside_bf16_autocast():
+    torch.manual_seed(0)
+    net = FMNISTClassifier().eval()
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    feats, preds = classifier_outputs(net, x, batch_size=4)
+    logits = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on
+        feats_ac, preds_ac = classifier_outputs(net, x, batch_size=4)
+        logits_ac = net(x)
+        features_ac = net.features(x)
+    assert feats_ac.dtype == logits_ac.dtype == torch.float32
+    assert torch.equal(feats_ac, feats) and torch.equal(preds_ac, preds)
+    assert torch.equal(logits_ac, logits) and torch.equal(features_ac, feats)
+    torch.testing.assert_close(classifier_outputs(net, x.bfloat16())[0],
+                               classifier_outputs(net, x.bfloat16().float())[0], rtol=0, atol=0)
+
+
+def test_classifier_input_is_prepared_in_one_place():
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prepare = FMNISTClassifier.prepare
+    assert torch.equal(prepare(x), x)
+    torch.testing.assert_close(prepare(x.expand(2, 3, 32, 32)), x)  # RGB with equal channels is that gray
+    raw = x[..., 2:30, 2:30]
+    assert torch.equal(prepare(raw)[..., 2:30, 2:30], raw) and torch.all(prepare(raw)[..., :2, :] == -1)
+    small = prepare(torch.full((2, 1, 16, 16), 0.5))
+    assert small.shape == (2, 1, 32, 32) and torch.allclose(small, torch.full_like(small, 0.5))
+    assert prepare(torch.zeros(1, 3, 64, 48)).shape == (1, 1, 32, 32)
