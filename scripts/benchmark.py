@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                          "sampling step makes; it cannot be benchmarked")
     n, steps = args.batch, args.steps
     cond = (torch.arange(n) % prior.num_classes).to(prior.device) if prior.num_classes else None
-    # the weights' values do not matter for timing: both sides run the trained weights, no EMA swap
-    forward = prior.sampling_forward(n, cond, guidance_scale=args.guidance, use_ema=False)
+    # both sides run the networks sampling uses (the EMA copies; nothing is swapped)
+    forward = prior.sampling_forward(n, cond, guidance_scale=args.guidance)
+    sampler_cond = prior.user_cond(cond, n)
 
     def sampling():
         generator = torch.Generator(device=prior.device).manual_seed(0)
-        prior.sample_latents(n, cond, generator, steps=steps, guidance_scale=args.guidance)
+        prior.sample_latents(n, sampler_cond, generator, steps=steps, guidance_scale=args.guidance)
 
     forward(), sampling()  # warm-up
     fwd, samp = [], []
