@@ -7,8 +7,6 @@ dots removed, so `model_ema.*` keys of existing checkpoints load unchanged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -54,7 +52,7 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One step of averaging towards `model`'s current weights; buffers are copied as they are."""
+        """One step of averaging towards `model`'s current weights; the rest is copied as it is."""
         if int(self.num_updates) >= 0:
             self.num_updates += 1
         one_minus = 1.0 - self.current_decay()
@@ -62,14 +60,17 @@ class EMA(nn.Module):
         for name, avg in self.averaged.named_parameters():
             if name in self.flat_names:
                 avg.lerp_(live[name].detach().to(avg.dtype), one_minus)
-        self.copy_buffers_from(model)
+        self.copy_untracked_from(model)
 
     @torch.no_grad()
-    def copy_buffers_from(self, model: nn.Module) -> None:
-        live = dict(model.named_buffers())
-        for name, buf in self.averaged.named_buffers():
+    def copy_untracked_from(self, model: nn.Module) -> None:
+        """Buffers and frozen parameters (e.g. an EMA-updated codebook) follow the live network as they are."""
+        live = dict(model.named_buffers()) | dict(model.named_parameters())
+        untracked = [*self.averaged.named_buffers(),
+                     *((n, p) for n, p in self.averaged.named_parameters() if n not in self.flat_names)]
+        for name, t in untracked:
             if name in live:
-                buf.copy_(live[name])
+                t.copy_(live[name])
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -94,67 +95,3 @@ class EMA(nn.Module):
                 continue
             with torch.no_grad():
                 p.copy_(value)
-
-
-class LitEma(nn.Module):
-    """EMA shadow of a module's trainable parameters, with warm-up `min(decay, (1+n)/(10+n))`."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
-        super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
-        self.register_buffer(
-            "num_updates", torch.tensor(0 if use_num_updates else -1, dtype=torch.int)
-        )
-        self.m_name2s_name: dict[str, str] = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                s_name = name.replace(".", "")
-                self.m_name2s_name[name] = s_name
-                self.register_buffer(s_name, p.detach().clone().data)
-        self._stash: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def forward(self, model: nn.Module) -> None:
-        """One EMA update from the model's current weights."""
-        decay = float(self.decay)
-        if self.num_updates >= 0:
-            self.num_updates += 1
-            n = int(self.num_updates)
-            decay = min(decay, (1 + n) / (10 + n))
-        one_minus = 1.0 - decay
-        shadow = dict(self.named_buffers())
-        for name, p in model.named_parameters():
-            if name in self.m_name2s_name:
-                s = shadow[self.m_name2s_name[name]]
-                s.sub_(one_minus * (s - p.detach().to(s.dtype)))
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        shadow = dict(self.named_buffers())
-        for name, p in model.named_parameters():
-            if name in self.m_name2s_name:
-                p.data.copy_(shadow[self.m_name2s_name[name]].data)
-
-    def store(self, parameters: Iterator[nn.Parameter]) -> None:
-        self._stash = [p.detach().clone() for p in parameters]
-
-    def restore(self, parameters: Iterator[nn.Parameter]) -> None:
-        for saved, p in zip(self._stash, parameters, strict=True):
-            p.data.copy_(saved.data)
-        self._stash = []
-
-
-@contextmanager
-def ema_scope(model: nn.Module, ema: LitEma | None, enabled: bool = True):
-    """Run a block with the EMA weights swapped in, restoring the trained weights after."""
-    if ema is None or not enabled:
-        yield
-        return
-    ema.store(model.parameters())
-    ema.copy_to(model)
-    try:
-        yield
-    finally:
-        ema.restore(model.parameters())

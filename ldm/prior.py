@@ -158,7 +158,7 @@ class LatentPrior(pl.LightningModule):
         for name in self.network_names:
             ema = getattr(self, f"{name}_ema", None)
             if ema is not None:
-                ema.copy_buffers_from(getattr(self, name))
+                ema.copy_untracked_from(getattr(self, name))
 
     def network(self, name: str = "model", ema: bool = False) -> nn.Module:
         """A trained network, or its averaged copy when `ema` (and the prior keeps one)."""

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict, read_checkpoint
-from ldm.ema import LitEma, ema_scope
+from ldm.ema import EMA
 
 
 def test_lightning_ckpt_and_prefix(tmp_path):
@@ -67,17 +67,32 @@ def test_allowed_missing_keys_may_differ_in_shape():
         load_into(net, state)
 
 
-def test_ema_closed_form_and_scope():
-    net = torch.nn.Linear(1, 1, bias=False)
+def test_ema_closed_form_copy_and_litema_layout():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))
+    net.register_buffer("stat", torch.zeros(1))
     with torch.no_grad():
-        net.weight.fill_(0.0)
-    ema = LitEma(net, decay=0.5, use_num_updates=False)
+        net[0].weight.fill_(0.0)
+    ema = EMA(net, decay=0.5, warmup=False)
     with torch.no_grad():
-        net.weight.fill_(1.0)
-    ema(net)
-    ema(net)  # 0 -> 0.5 -> 0.75
-    assert torch.allclose(ema.weight, torch.tensor([[0.75]]))
-    with ema_scope(net, ema):
-        assert net.weight.item() == pytest.approx(0.75)
-    assert net.weight.item() == 1.0
-    assert set(ema.state_dict()) == {"decay", "num_updates", "weight"}
+        net[0].weight.fill_(1.0)
+        net.stat.fill_(3.0)
+    ema.update(net)
+    ema.update(net)  # 0 -> 0.5 -> 0.75
+    assert ema.averaged[0].weight.item() == pytest.approx(0.75) and net[0].weight.item() == 1.0
+    assert ema.averaged.stat.item() == 3.0  # buffers follow the live network
+    assert ema(torch.ones(1, 1)).item() == pytest.approx(0.75)  # the copy runs, nothing is swapped
+    assert list(ema.state_dict()) == ["decay", "num_updates", "0weight"]  # latent-diffusion's LitEma keys
+    assert not list(ema.parameters()) and not ema.averaged[0].weight.requires_grad
+    fresh = EMA(net, decay=0.5, warmup=False)
+    fresh.load_state_dict(ema.state_dict())
+    assert fresh.averaged[0].weight.item() == pytest.approx(0.75)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({"decay": torch.tensor(0.5), "num_updates": torch.tensor(-1)})
+
+
+def test_ema_warmup_decay():
+    net = torch.nn.Linear(1, 1)
+    ema = EMA(net, decay=0.999)
+    for n in range(1, 4):
+        ema.update(net)
+        assert ema.current_decay() == pytest.approx((1 + n) / (10 + n))

@@ -8,6 +8,7 @@ no caller needs to ask which model it holds.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -16,13 +17,15 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, drop_keys, load_into, load_state_dict
-from ldm.ema import LitEma, ema_scope
+from ldm.ema import EMA
 from ldm.first_stage.distributions import DiagonalGaussianDistribution
 from ldm.first_stage.modules import Decoder, Encoder
 from ldm.first_stage.quantize import VectorQuantizer
 from ldm.util import instantiate_from_config
 
 TRAINING_ONLY = ("loss.",)  # discriminator / perceptual net: absent from inference checkpoints
+# averaged by the EMA (the loss is not): their parameter names are the LitEma keys of the anchors
+AUTOENCODER_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv", "quantize")
 LatentKind = Literal["tokens", "continuous"]
 
 
@@ -49,8 +52,8 @@ class FirstStageModel(pl.LightningModule):
         self.learning_rate = 4.5e-6  # main.py sets it from base_learning_rate
 
     def finish_init(self, ckpt_path: str | None, ignore_keys: Sequence[str]) -> None:
-        """After the subclass built its modules: the EMA shadow, then weights from `ckpt_path`."""
-        self.model_ema = LitEma(self, decay=self.ema_decay) if self.use_ema else None
+        """After the subclass built its modules: the EMA copy, then weights from `ckpt_path`."""
+        self.model_ema = EMA(self.autoencoder_modules(), decay=self.ema_decay) if self.use_ema else None
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -64,7 +67,9 @@ class FirstStageModel(pl.LightningModule):
         if self.model_ema is None:
             state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
         load_into(self, state, source=str(path), allow_missing=TRAINING_ONLY + ("model_ema.",) + tuple(ignore_keys),
-                  allow_unexpected=TRAINING_ONLY)
+                  allow_unexpected=TRAINING_ONLY + ("model_ema.loss",))  # the anchors averaged the loss too
+        if self.model_ema is not None:
+            self.model_ema.copy_untracked_from(self.autoencoder_modules())
         print(f"Restored {type(self).__name__} from {path}")
 
     # --- shared interface --------------------------------------------------------------------------
@@ -94,17 +99,32 @@ class FirstStageModel(pl.LightningModule):
             x = x.permute(0, 3, 1, 2)
         return x.to(memory_format=torch.contiguous_format).float()
 
-    def ema_weights(self, enabled: bool = True):
-        return ema_scope(self, self.model_ema, enabled and self.model_ema is not None)
+    def autoencoder_modules(self) -> nn.ModuleDict:
+        """The parts an image goes through (not the loss): what the EMA averages."""
+        return nn.ModuleDict({name: getattr(self, name) for name in AUTOENCODER_PARTS if hasattr(self, name)})
 
+    def averaged(self) -> FirstStageModel:
+        """This model with the EMA copies as its parts: a shallow view, nothing swapped or copied.
+
+        Without an EMA it is the model itself.
+        """
+        if self.model_ema is None:
+            return self
+        view = copy.copy(self)
+        view.__dict__["_modules"] = {**self._modules, **self.model_ema.averaged._modules}
+        return view
+
+    @torch.no_grad()
     def load_ema_as_weights(self) -> None:
-        """For inference from a checkpoint: the averaged weights become the model's weights."""
+        """For inference from a checkpoint: the averaged weights are loaded as the model's weights."""
         if self.model_ema is not None:
-            self.model_ema.copy_to(self)
+            averaged = dict(self.model_ema.averaged.named_parameters())
+            for name, p in self.autoencoder_modules().named_parameters():
+                p.copy_(averaged[name])
 
     def on_train_batch_end(self, *args: Any) -> None:
-        if self.model_ema is not None:
-            self.model_ema(self)
+        if self.model_ema is not None:  # one generator step per batch
+            self.model_ema.update(self.autoencoder_modules())
 
     def autoencoder_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
@@ -141,14 +161,14 @@ class FirstStageModel(pl.LightningModule):
         pass
 
     def _eval_step(self, batch: Mapping[str, Any], split: str) -> None:
-        with self.ema_weights():
-            x = self.get_input(batch)
-            xrec, aux = self(x)
-            _, log_ae = self.loss(aux, x, xrec, 0, self.global_step, split=split)
-            if self.loss.discriminator_active(self.global_step):
-                _, log_d = self.loss(aux, x, xrec, 1, self.global_step, split=split)
-                log_ae.update(log_d)
-            recon = self.decode_latent(self.encode_to_latent(x))  # deterministic: the posterior mode for KL
+        model = self.averaged()  # the EMA copies when the model keeps them
+        x = self.get_input(batch)
+        xrec, aux = model(x)
+        _, log_ae = self.loss(aux, x, xrec, 0, self.global_step, split=split)
+        if self.loss.discriminator_active(self.global_step):
+            _, log_d = self.loss(aux, x, xrec, 1, self.global_step, split=split)
+            log_ae.update(log_d)
+        recon = model.decode_latent(model.encode_to_latent(x))  # deterministic: the posterior mode for KL
         mse = (x - recon.clamp(-1, 1)).pow(2).flatten(1).mean(1)
         psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # data range 2 for [-1, 1]
         self.log(f"{split}/rec_loss", log_ae.pop(f"{split}/rec_loss"), prog_bar=True, sync_dist=True)
@@ -166,8 +186,7 @@ class FirstStageModel(pl.LightningModule):
         x = self.get_input(batch)[:N].to(self.device)
         out = {"inputs": x, "reconstructions": self(x)[0]}
         if self.model_ema is not None:
-            with self.ema_weights():
-                out["reconstructions_ema"] = self(x)[0]
+            out["reconstructions_ema"] = self.averaged()(x)[0]
         return out
 
 
@@ -268,13 +287,14 @@ class VQModel(FirstStageModel):
             self.quantize.reset_usage()
 
     def on_validation_epoch_start(self) -> None:
-        self.quantize.reset_usage()
+        self.averaged().quantize.reset_usage()  # validation runs the EMA copy when there is one
 
     def on_validation_epoch_end(self) -> None:
-        stats = self.quantize.usage_stats()
+        quantize = self.averaged().quantize
+        stats = quantize.usage_stats()
         self.log("val/codebook_usage", stats["usage"], sync_dist=True)
         self.log("val/perplexity", stats["perplexity"], sync_dist=True)
-        self.quantize.reset_usage()
+        quantize.reset_usage()
 
 
 class AutoencoderKL(FirstStageModel):
