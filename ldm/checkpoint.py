@@ -1,8 +1,11 @@
 """Reading and writing weights: the one place that opens checkpoint files.
 
-`.ckpt`/`.pt`/`.pth` files are read with ``torch.load(weights_only=True)`` (never an
-arbitrary pickle); `.safetensors` files and HF-style sharded safetensors (an
-``*.safetensors.index.json`` next to its shards) are read with safetensors.
+`.ckpt`/`.pt`/`.pth`/`.th` files are read with ``torch.load(weights_only=True)``; a file it refuses
+for a Python object it does not know (the released Lightning 1.x checkpoints of taming-transformers
+and latent-diffusion pickle callbacks, OmegaConf configs, numpy scalars) is read again with
+`ldm.safe_unpickle`, which builds tensors and plain data only and never runs what the pickle names.
+`.safetensors` files and HF-style sharded safetensors (an ``*.safetensors.index.json`` next to its
+shards) are read with safetensors.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+from ldm.safe_unpickle import restricted_load
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".th")
+EXPORT_HINT = (
+    "If you trust where the file comes from, `python scripts/export_weights.py {path} --out NAME "
+    "--trust-pickle` unpickles it fully (this runs any code the file holds) and writes NAME.safetensors, "
+    "which loads here."
+)
 
 
 class CheckpointError(ValueError):
@@ -57,15 +69,57 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     if name.endswith(PICKLE_SUFFIXES):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        return _read_pickle(path)
+    raise CheckpointError(f"unknown checkpoint format for {path}: expected .ckpt/.pt/.pth/.th or .safetensors")
+
+
+def _refusal(error: Exception) -> str | None:
+    """What `weights_only=True` refused (a global it does not allow, an opcode it does not read), else None."""
+    found = re.search(r"Unsupported (global|operand)\S*:? (.*?)(?: Please use|\n|$)", str(error))
+    if not found:
+        return None
+    what = re.sub(r"^GLOBAL | was not an allowed global by default\.?$", "", found.group(2).strip())
+    return f"unsupported {found.group(1)} {what}"
+
+
+def _reason(error: BaseException) -> str:
+    """The error's type and torch's own reason, without the advice around it."""
+    text = str(error)
+    after = text.split("WeightsUnpickler error:", 1)[-1]
+    line = next((part.strip() for part in after.splitlines() if part.strip()), "")
+    if not line and isinstance(error, EOFError):
+        line = "the data ends early"
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _damaged(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, EOFError) or any(
+        s in text for s in ("truncated", "central directory", "zip archive", "magic number", "corrupt"))
+
+
+def _read_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, then the restricted reader if only a global was refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refusal(e)
+        if refused is None:
+            raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {_reason(e)}") from e
+    except Exception as e:
+        problem = "the file is truncated, corrupt or not written by torch.save" if _damaged(e) else "torch.load failed"
+        raise CheckpointError(f"cannot read {path}: {problem} ({_reason(e)})") from e
+    try:
+        return restricted_load(path)
+    except Exception as e:
+        if _damaged(e):
             raise CheckpointError(
-                f"cannot read {path} with torch.load(weights_only=True): {e}. "
-                "Checkpoints holding arbitrary Python objects are refused; export the weights with "
-                "`python scripts/export_weights.py` on a trusted machine."
-            ) from e
-    raise CheckpointError(f"unknown checkpoint format for {path}: expected .ckpt/.pt/.pth or .safetensors")
+                f"cannot read {path}: the file is truncated, corrupt or not written by torch.save ({_reason(e)})") from e
+        raise CheckpointError(
+            f"cannot read {path}: torch.load(weights_only=True) refused it ({refused}) and the restricted "
+            f"reader, which builds only tensors and plain data, failed too ({_reason(e)}). "
+            + EXPORT_HINT.format(path=path)
+        ) from e
 
 
 def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
