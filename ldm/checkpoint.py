@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,12 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
-def _damaged(error: BaseException) -> bool:
+def _damaged(error: BaseException, path: Path) -> bool:
+    """Whether an error reading `path` comes from the file's bytes (cut short, corrupt, not torch's)."""
     text = str(error).lower()
-    return isinstance(error, EOFError) or any(
+    with open(path, "rb") as f:
+        broken_zip = f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)  # no central directory
+    return broken_zip or isinstance(error, EOFError) or any(
         s in text for s in ("truncated", "central directory", "zip archive", "magic number", "corrupt"))
 
 
@@ -107,12 +111,12 @@ def _read_pickle(path: Path) -> Any:
         if refused is None:
             raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {_reason(e)}") from e
     except Exception as e:
-        problem = "the file is truncated, corrupt or not written by torch.save" if _damaged(e) else "torch.load failed"
+        problem = "the file is truncated, corrupt or not written by torch.save" if _damaged(e, path) else "torch.load failed"
         raise CheckpointError(f"cannot read {path}: {problem} ({_reason(e)})") from e
     try:
         return restricted_load(path)
     except Exception as e:
-        if _damaged(e):
+        if _damaged(e, path):
             raise CheckpointError(
                 f"cannot read {path}: the file is truncated, corrupt or not written by torch.save ({_reason(e)})") from e
         raise CheckpointError(

@@ -15,6 +15,7 @@ callables or placeholders; anything else yields a placeholder instead of a call.
 
 from __future__ import annotations
 
+import _compat_pickle
 import os
 import pickle
 import struct
@@ -289,7 +290,6 @@ def _allowed_globals() -> tuple[dict[str, Any], tuple[Any, ...]]:
 
 
 ALLOWED, _CALLABLE = _allowed_globals()
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 def _may_call(func: Any) -> bool:
@@ -311,8 +311,26 @@ class RestrictedUnpickler(pickle._Unpickler):
     report: list[Resolution] | None = None
     dispatch = dict(pickle._Unpickler.dispatch)
 
+    def __init__(self, file: Any, **kwargs: Any):
+        super().__init__(file, **kwargs)
+        read = self._file_read
+
+        def read_exactly(n: int = -1) -> bytes:
+            """Python's unpickler takes a short read for data; a file cut short must say so."""
+            data = read(n)
+            if n >= 0 and len(data) < n:
+                raise EOFError(f"the pickle data ends early ({len(data)} of {n} bytes)")
+            return data
+
+        self._file_read = read_exactly
+
     def find_class(self, module: str, name: str) -> Any:
-        dotted = f"{_PY2_MODULES.get(module, module)}.{name}"
+        if self.proto < 3 and self.fix_imports:  # Python 2 names, as protocol 2 writes some (a table, no import)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        dotted = f"{module}.{name}"
         obj = ALLOWED.get(dotted)
         if self.report is not None:
             self.report.append(Resolution(dotted, obj is not None))

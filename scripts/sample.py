@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torchvision
 import yaml
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,7 +22,8 @@ from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py")
+    p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py (or any, with --config)")
+    p.add_argument("--config", help="config to build the prior from, for a checkpoint that carries none")
     p.add_argument("-n", "--num", type=int, default=16, help="samples (unconditional, or with --cond)")
     p.add_argument("--cond", type=int, default=None, help="one class label for every sample")
     p.add_argument("--per-class", type=int, default=0, help="a row of this many samples per class")
@@ -36,7 +38,8 @@ def main() -> int:
             raise SystemExit(f"sampler options look like key=value, got {item!r}")
         k, v = item.split("=", 1)
         sampler_kw[k] = yaml.safe_load(v)
-    prior, _ = instantiate_from_checkpoint(args.resume)
+    config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True) if args.config else None
+    prior, _ = instantiate_from_checkpoint(args.resume, config)
     if args.per_class:
         if not prior.num_classes:
             raise SystemExit("--per-class needs a class-conditional prior")
