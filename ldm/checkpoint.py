@@ -102,6 +102,14 @@ def _damaged(error: BaseException, path: Path) -> bool:
         s in text for s in ("truncated", "central directory", "zip archive", "magic number", "corrupt"))
 
 
+def _unreadable(path: Path, error: BaseException, what: str) -> CheckpointError:
+    """The error for a file neither reader could use: damaged, or intact but holding something else."""
+    if _damaged(error, path):
+        return CheckpointError(
+            f"cannot read {path}: the file is truncated, corrupt or not written by torch.save ({_reason(error)})")
+    return CheckpointError(f"cannot read {path}: {what} ({_reason(error)}). " + EXPORT_HINT.format(path=path))
+
+
 def _read_pickle(path: Path) -> Any:
     """``torch.load(weights_only=True)``, then the restricted reader if only a global was refused."""
     try:
@@ -109,21 +117,23 @@ def _read_pickle(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         refused = _refusal(e)
         if refused is None:
-            raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {_reason(e)}") from e
+            raise _unreadable(path, e, "torch.load(weights_only=True) failed") from e
     except Exception as e:
-        problem = "the file is truncated, corrupt or not written by torch.save" if _damaged(e, path) else "torch.load failed"
-        raise CheckpointError(f"cannot read {path}: {problem} ({_reason(e)})") from e
+        raise _unreadable(path, e, "torch.load(weights_only=True) failed") from e
     try:
         return restricted_load(path)
     except Exception as e:
-        if _damaged(e, path):
-            raise CheckpointError(
-                f"cannot read {path}: the file is truncated, corrupt or not written by torch.save ({_reason(e)})") from e
-        raise CheckpointError(
-            f"cannot read {path}: torch.load(weights_only=True) refused it ({refused}) and the restricted "
-            f"reader, which builds only tensors and plain data, failed too ({_reason(e)}). "
-            + EXPORT_HINT.format(path=path)
-        ) from e
+        raise _unreadable(path, e, f"torch.load(weights_only=True) refused it ({refused}) and the restricted "
+                                   "reader, which builds only tensors and plain data, failed too") from e
+
+
+def state_dict_in(obj: Any, source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object: Lightning's ``state_dict`` entry, or the object itself."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -131,12 +141,7 @@ def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[
 
     With `prefix` (e.g. ``"first_stage_model."``) only keys under it are kept, prefix removed.
     """
-    obj = read_checkpoint(path)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = state_dict_in(read_checkpoint(path), path)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:

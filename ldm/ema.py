@@ -6,7 +6,7 @@ removed, so `model_ema.*` keys of existing checkpoints load unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -75,3 +75,26 @@ def ema_scope(model: nn.Module, ema: LitEma | None, enabled: bool = True):
         yield
     finally:
         ema.restore(model.parameters())
+
+
+def ema_state_dict(state: Mapping[str, torch.Tensor], ema_prefix: str = "model_ema.") -> tuple[dict[str, torch.Tensor], int]:
+    """`state` with each parameter replaced by its EMA shadow and the shadow buffers dropped, and how
+    many were replaced: inference weights for code that knows nothing of `LitEma`.
+
+    A shadow is named after the parameter relative to the module the EMA tracks, dots removed: the
+    whole first stage (``encoder.conv_in.weight`` -> ``encoderconv_inweight``) or a prior's / latent
+    diffusion's ``model.`` (``model.diffusion_model.out.2.weight`` -> ``diffusion_modelout2weight``).
+    """
+    shadow = {k[len(ema_prefix):]: v for k, v in state.items() if k.startswith(ema_prefix)}
+    out: dict[str, torch.Tensor] = {}
+    replaced = 0
+    for key, value in state.items():
+        if key.startswith(ema_prefix):
+            continue
+        for tracked in ("model.", ""):
+            name = key[len(tracked):].replace(".", "") if key.startswith(tracked) else None
+            if name in shadow and name not in ("decay", "num_updates") and shadow[name].shape == value.shape:
+                value, replaced = shadow[name], replaced + 1
+                break
+        out[key] = value
+    return out, replaced

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import collections
 import importlib
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -338,3 +339,56 @@ def test_sample_script_with_config(tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.exists() and "wrote" in run.stdout
+
+
+# --- scripts/export_weights.py ---------------------------------------------------------------------
+def export_weights(*argv: str) -> None:
+    spec = importlib.util.spec_from_file_location("export_weights", REPO / "scripts" / "export_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(list(argv)) == 0
+
+
+def test_export_legacy_checkpoint_then_build_from_export(tmp_path):
+    prior = build("absorbing.yaml")
+    for name, buf in prior.model_ema.named_buffers():  # an EMA that differs from the trained weights
+        if name not in ("decay", "num_updates"):
+            buf.add_(1.0)
+    path = tmp_path / "prior.ckpt"
+    write_lightning_ckpt(path, prior.state_dict())
+    export_weights(str(path), "--config", str(CONFIGS / "absorbing.yaml"), "--out", str(tmp_path / "out" / "prior"))
+    weights, config = tmp_path / "out" / "prior.safetensors", tmp_path / "out" / "prior.yaml"
+    assert load_state_dict(weights).keys() == prior.state_dict().keys()
+    model, _ = instantiate_from_checkpoint(weights, config=OmegaConf.to_container(OmegaConf.load(config)))
+    assert_same_weights(model, prior)  # weights and EMA shadow both
+
+    export_weights(str(path), "--ema", "--out", str(tmp_path / "ema"))
+    ema = load_state_dict(tmp_path / "ema.safetensors")
+    assert not (tmp_path / "ema.yaml").exists()  # the file carries no config and none was given
+    assert not any(k.startswith("model_ema.") for k in ema)
+    assert torch.equal(ema["model.net.to_logits.weight"], prior.model_ema.netto_logitsweight)
+    assert torch.equal(ema["first_stage_model.encoder.conv_in.weight"],
+                       prior.first_stage_model.encoder.conv_in.weight)
+
+
+def test_export_writes_the_stored_config(tmp_path):
+    config = OmegaConf.to_container(OmegaConf.load(CONFIGS / "first_stage_kl.yaml"))
+    model = build("first_stage_kl.yaml")
+    torch.save({"state_dict": model.state_dict(), "config": config, "global_step": 9}, tmp_path / "last.ckpt")
+    export_weights(str(tmp_path / "last.ckpt"))
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "last.yaml")) == config
+    loaded, _ = instantiate_from_checkpoint(tmp_path / "last.safetensors", config=config)
+    assert_same_weights(loaded, model)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_unreadable_file_error_says_what_works(tmp_path):
+    """The error for a file the readers refuse names export_weights.py, and what it says works."""
+    net = torch.nn.Linear(2, 2)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    with pytest.raises(CheckpointError, match="export_weights.py .* --trust-pickle") as e:
+        load_state_dict(path)
+    assert str(path) in str(e.value)
+    export_weights(str(path), "--out", str(tmp_path / "plain"), "--trust-pickle")
+    assert torch.equal(load_state_dict(tmp_path / "plain.safetensors")["weight"], net.weight)
