@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="project checkpoint to write (.ckpt)")
     p.add_argument("--ema-th", default=None, help="the matching absorbing_ema_*.th, for the prior's EMA weights")
     p.add_argument("overrides", nargs="*", help="config overrides key.path=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the flags
 
     config = load_config(args.config, args.overrides)
     try:
