@@ -1,8 +1,11 @@
 """Reading and writing weights: the one place that opens checkpoint files.
 
-`.ckpt`/`.pt`/`.pth` files are read with ``torch.load(weights_only=True)`` (never an
-arbitrary pickle); `.safetensors` files and HF-style sharded safetensors (an
-``*.safetensors.index.json`` next to its shards) are read with safetensors.
+`.ckpt`/`.pt`/`.pth`/`.th` files are read with ``torch.load(weights_only=True)``; a file it refuses
+for a Python object it does not know (the released Lightning 1.x checkpoints of taming-transformers
+and latent-diffusion pickle callbacks, OmegaConf configs, numpy scalars) is read again with
+`ldm.safe_unpickle`, which builds tensors and plain data only and never runs what the pickle names.
+`.safetensors` files and HF-style sharded safetensors (an ``*.safetensors.index.json`` next to its
+shards) are read with safetensors.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+from ldm.safe_unpickle import restricted_load
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".th")
+EXPORT_HINT = (
+    "The project reads tensors and plain containers only (torch.load(weights_only=True), then a restricted "
+    "reader for Lightning 1.x checkpoints) and never runs a pickle's code; save the weights as a state dict "
+    "or safetensors where the file is trusted (e.g. `safetensors.torch.save_file(model.state_dict(), ...)`)."
+)
 
 
 class CheckpointError(ValueError):
@@ -57,15 +70,70 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     if name.endswith(PICKLE_SUFFIXES):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"cannot read {path} with torch.load(weights_only=True): {e}. "
-                "Checkpoints holding arbitrary Python objects are refused; export the weights with "
-                "`python scripts/export_weights.py` on a trusted machine."
-            ) from e
-    raise CheckpointError(f"unknown checkpoint format for {path}: expected .ckpt/.pt/.pth or .safetensors")
+        return _read_pickle(path)
+    raise CheckpointError(f"unknown checkpoint format for {path}: expected .ckpt/.pt/.pth/.th or .safetensors")
+
+
+def _refusal(error: Exception) -> str | None:
+    """What `weights_only=True` refused (a global it does not allow, an opcode it does not read), else None."""
+    found = re.search(r"Unsupported (global|operand)\S*:? (.*?)(?: Please use|\n|$)", str(error))
+    if not found:
+        return None
+    what = re.sub(r"^GLOBAL | was not an allowed global by default\.?$", "", found.group(2).strip())
+    return f"unsupported {found.group(1)} {what}"
+
+
+def _reason(error: BaseException) -> str:
+    """The error's type and torch's own reason, without the advice around it."""
+    text = str(error)
+    after = text.split("WeightsUnpickler error:", 1)[-1]
+    line = next((part.strip() for part in after.splitlines() if part.strip()), "")
+    if not line and isinstance(error, EOFError):
+        line = "the data ends early"
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _damaged(error: BaseException, path: Path) -> bool:
+    """Whether an error reading `path` comes from the file's bytes (cut short, corrupt, not torch's)."""
+    text = str(error).lower()
+    with open(path, "rb") as f:
+        broken_zip = f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)  # no central directory
+    return broken_zip or isinstance(error, EOFError) or any(
+        s in text for s in ("truncated", "central directory", "zip archive", "magic number", "corrupt"))
+
+
+def _unreadable(path: Path, error: BaseException, what: str) -> CheckpointError:
+    """The error for a file neither reader could use: damaged, or intact but holding something else."""
+    if _damaged(error, path):
+        return CheckpointError(
+            f"cannot read {path}: the file is truncated, corrupt or not written by torch.save ({_reason(error)})")
+    return CheckpointError(f"cannot read {path}: {what} ({_reason(error)}). " + EXPORT_HINT.format(path=path))
+
+
+def _read_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, then the restricted reader if only a global was refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refusal(e)
+        if refused is None:
+            raise _unreadable(path, e, "torch.load(weights_only=True) failed") from e
+    except Exception as e:
+        raise _unreadable(path, e, "torch.load(weights_only=True) failed") from e
+    try:
+        return restricted_load(path)
+    except Exception as e:
+        raise _unreadable(path, e, f"torch.load(weights_only=True) refused it ({refused}) and the restricted "
+                                   "reader, which builds only tensors and plain data, failed too") from e
+
+
+def state_dict_in(obj: Any, source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object: Lightning's ``state_dict`` entry, or the object itself."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -73,12 +141,7 @@ def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[
 
     With `prefix` (e.g. ``"first_stage_model."``) only keys under it are kept, prefix removed.
     """
-    obj = read_checkpoint(path)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = state_dict_in(read_checkpoint(path), path)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:

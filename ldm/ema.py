@@ -7,6 +7,7 @@ dots removed, so `model_ema.*` keys of existing checkpoints load unchanged.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -95,3 +96,28 @@ class EMA(nn.Module):
                 continue
             with torch.no_grad():
                 p.copy_(value)
+
+
+def ema_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """`state` with each parameter replaced by its EMA copy and the `<name>_ema.*` entries dropped, and
+    how many were replaced: inference weights for code that knows nothing of EMAs.
+
+    An entry of `<name>_ema.` is named after the parameter relative to `<name>.` (a prior's network,
+    latent-diffusion's `model.`) or to the top (a first stage's parts), dots removed:
+    ``model.diffusion_model.out.2.weight`` -> ``model_ema.diffusion_modelout2weight``.
+    """
+    heads = {k.split(".", 1)[0] for k in state if k.split(".", 1)[0].endswith("_ema")}
+    shadows = {h: {k[len(h) + 1:]: v for k, v in state.items() if k.startswith(h + ".")} for h in heads}
+    out: dict[str, torch.Tensor] = {}
+    replaced = 0
+    for key, value in state.items():
+        if key.split(".", 1)[0] in heads:
+            continue
+        for head, shadow in shadows.items():
+            tracked = head[: -len("_ema")] + "."
+            name = (key[len(tracked):] if key.startswith(tracked) else key).replace(".", "")
+            if name in shadow and name not in ("decay", "num_updates") and shadow[name].shape == value.shape:
+                value, replaced = shadow[name], replaced + 1
+                break
+        out[key] = value
+    return out, replaced

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torchvision
 import yaml
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     # no abbreviations: an unknown --option is a sampler option, never a prefix of one of these
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py")
+    p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py (or any, with --config)")
+    p.add_argument("--config", help="config to build the prior from, for a checkpoint that carries none")
     p.add_argument("-n", "--num", type=int, default=16, help="samples (unconditional, or with --cond)")
     p.add_argument("--cond", type=int, default=None, help="one class label for every sample")
     p.add_argument("--per-class", type=int, default=0, help="a row of this many samples per class")
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prior, _ = instantiate_from_checkpoint(args.resume)
+    config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True) if args.config else None
+    prior, _ = instantiate_from_checkpoint(args.resume, config)
     if args.per_class:
         if not prior.num_classes:
             raise SystemExit("--per-class needs a class-conditional prior")
