@@ -121,7 +121,10 @@ class FirstStageModel(pl.LightningModule):
             # max_steps count batches. So the discriminator steps through the strategy (precision
             # plugin: autocast, grad scaler unscale/skip-on-inf, clipping, on_before_optimizer_step),
             # which is what `opt_disc.step()` does minus the hook that increments global_step.
-            self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=_no_closure, model=self)
+            if self._trainer is not None:
+                self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=_no_closure, model=self)
+            else:  # stepped by hand, without a Trainer: no precision plugin to go through
+                opt_disc.optimizer.step()
             logs.update(log_d)
         self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict(logs, on_step=True, on_epoch=False)
