@@ -81,44 +81,93 @@ class RNGStateCallback(pl.Callback):
 
 
 class SignalCheckpoint(pl.Callback):
-    """On SIGUSR1, save `last.ckpt` at the end of the current batch and stop; on an exception, save it too."""
+    """On SIGUSR1 or SIGTERM, save `last.ckpt` at the end of the current batch and stop; on an
+    exception, save it too.
 
-    def __init__(self, ckptdir: str, signum: int = signal.SIGUSR1):
+    Under DDP a signal may reach one rank only (`kill -USR1 <pid>`) or all of them (a scheduler), at
+    different moments. Each handler only raises a local flag; at every batch end the ranks agree
+    (one boolean all-reduce: did ANY rank get one?), then all of them take part in the save, which is
+    collective in Lightning 2 (rank 0 writes, all ranks reach its barrier), and all stop together.
+    A second SIGTERM before that batch end terminates at once.
+
+    An exception is different: it may have been raised on one rank only, while the others wait in a
+    collective (a gradient all-reduce) that will never complete. A save that needs every rank would
+    hang, so each rank that catches an exception writes its own state without any collective: DDP
+    keeps weights and optimiser states equal across ranks, so any rank's state is the run's (up to a
+    step the failing rank left half done), and the atomic rename keeps two such writes from tearing
+    the file. The ranks still waiting then fail when the dead rank's connections close (gloo) or
+    when the process group's timeout expires (NCCL), and save the same way.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, ckptdir: str, signals: tuple[int, ...] = SIGNALS):
         super().__init__()
         self.ckptdir = ckptdir
-        self.requested = False
-        self.signum = signum
+        self.signals = tuple(signals)
+        self.requested: int | None = None  # the signal this rank received, until the ranks agree on it
+        self._previous: dict[int, Any] = {}
+        self._saved_step = -1
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            signal.signal(self.signum, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            log.warning("cannot install the SIGUSR1 handler outside the main thread")
+    @property
+    def path(self) -> str:
+        return os.path.join(self.ckptdir, "last.ckpt")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not in setup: Lightning installs its own SIGTERM handler (which kills the other ranks and
+        # raises on the next batch) just before training starts, and this one replaces it while training
+        for signum in self.signals:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                log.warning("cannot install the handler of signal %s outside the main thread", signum)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested == signal.SIGTERM and signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)  # asked twice: stop now
+            os.kill(os.getpid(), signum)
+            return
         print(f"Received signal {signum}: saving a checkpoint after this batch.", flush=True)
-        self.requested = True
+        self.requested = signum
+
+    def _save(self, trainer: pl.Trainer, why: str) -> None:
+        """Collective: every rank calls it at the same step."""
+        if self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            print(f"Saved {self.path} at step {trainer.global_step} ({why}).", flush=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.requested:
-            self.requested = False
-            path = os.path.join(self.ckptdir, "last.ckpt")
-            trainer.save_checkpoint(path)
-            print(f"Saved {path} at step {trainer.global_step}; stopping.", flush=True)
+        # one tiny all-reduce per batch: a signal that reached any rank stops all of them
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            self._save(trainer, "signal")
+            if trainer.is_global_zero:
+                print("Stopping after the signal.", flush=True)
             trainer.should_stop = True
+            self.requested = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training stopped (max_steps, max_time, a signal): `last.ckpt` holds the final state."""
-        if trainer.global_rank == 0 and trainer.global_step > 0:
-            trainer.save_checkpoint(os.path.join(self.ckptdir, "last.ckpt"))
+        if trainer.global_step > 0:
+            self._save(trainer, "end of training")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.global_rank != 0 or trainer.global_step == 0 or trainer.state.fn != "fit":
+        if trainer.global_step == 0 or trainer.state.fn != "fit":
             return
-        path = os.path.join(self.ckptdir, "last.ckpt")
-        print(f"{type(exception).__name__} during training: saving {path} at step {trainer.global_step}.", flush=True)
+        print(f"[rank {trainer.global_rank}] {type(exception).__name__} during training: saving {self.path} "
+              f"at step {trainer.global_step}.", flush=True)
         try:
-            trainer.save_checkpoint(path)
+            # no collective here (see the class docstring): dump this rank's state and write it directly
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
         except Exception as e:  # never mask the original error
             log.error("could not save the emergency checkpoint: %s", e)
 

@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.util import ConfigError, check_params, instantiate_from_config
 
 CONFIG_SECTIONS = ("model", "data", "lightning")
+# Lightning's DDP launcher starts ranks > 0 by running this script again, seconds later: they take the
+# run folder's timestamp from rank 0 through the environment they inherit, so all ranks share one folder.
+RUN_TIME_ENV = "LDM_RUN_TIME"
 
 
 def str2bool(v: str | bool) -> bool:
@@ -174,6 +177,25 @@ def scale_learning_rate(model: Any, config: DictConfig, trainer_cfg: dict[str, A
           f"* {ndev} (devices) * {nodes} (nodes) * {bs} (batch size) * {float(base_lr):.2e} (base_lr)")
 
 
+def run_time() -> str:
+    """The run's timestamp: this process's clock, or rank 0's in a rank that Lightning launched."""
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 and os.environ.get(RUN_TIME_ENV):
+        return os.environ[RUN_TIME_ENV]
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_TIME_ENV] = now
+    return now
+
+
+def resolve_strategy(trainer_cfg: dict[str, Any], model: Any) -> None:
+    """`strategy: ddp` becomes `ddp_find_unused_parameters_true` for a model that says some of its
+    backward passes reach only part of its parameters (the first stage's discriminator step, its
+    generator step before `disc_start`); plain DDP would stop with an error at the next step."""
+    if trainer_cfg.get("strategy") == "ddp" and getattr(model, "ddp_find_unused_parameters", False):
+        trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
+        print(f"strategy ddp -> ddp_find_unused_parameters_true: {type(model).__name__} has backward passes "
+              "that leave some parameters without gradients")
+
+
 def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictConfig, model: Any, resume: bool):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -210,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     parser = get_parser()
     opt, unknown = parser.parse_known_args(argv)
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    now = run_time()
     paths = resolve_run(opt, now)
 
     import pytorch_lightning as pl
@@ -219,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.callbacks import AtomicCheckpointIO
 
     pl.seed_everything(opt.seed, workers=True)
+    # Lightning's DDP reseeds every rank from PL_GLOBAL_SEED as training starts; one process does not.
+    # Every rank runs this same seeding and model construction, so their random streams already agree:
+    # without the reseed they continue exactly as a single process's does (same restarts, same noise).
+    os.environ.pop("PL_GLOBAL_SEED", None)
     config = load_config(opt.base, unknown)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_cfg = trainer_kwargs_from(opt, lightning_config)
@@ -229,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if data is None:
         raise ConfigError("data", "missing: training needs a data section")
     scale_learning_rate(model, config, trainer_cfg, opt.scale_lr)
+    resolve_strategy(trainer_cfg, model)
+    lightning_config.trainer = trainer_cfg
 
     loggers = [TensorBoardLogger(paths.logdir, name="tensorboard", version=""),
                CSVLogger(paths.logdir, name="csv", version="")]
@@ -237,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                          plugins=[AtomicCheckpointIO()])
 
     if opt.train:
-        # SignalCheckpoint saves last.ckpt on an exception or SIGUSR1; -r resumes from it.
+        # SignalCheckpoint saves last.ckpt on an exception, SIGUSR1 or SIGTERM; -r resumes from it.
         trainer.fit(model, datamodule=data, ckpt_path=paths.resume_ckpt, weights_only=True)
     if not opt.no_test and not trainer.interrupted and getattr(data, "has_test", True):
         if opt.train or paths.resume_ckpt:

@@ -8,12 +8,57 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.util import instantiate_from_config
 
 SPLITS = ("train", "validation", "test")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Each rank's contiguous slice of every global batch of one seeded permutation per epoch.
+
+    With `num_replicas` ranks of `batch_size` each, global batch b is `perm[b*G:(b+1)*G]`, G =
+    num_replicas * batch_size, and rank r gets its r-th block of `batch_size`: the ranks' batches,
+    concatenated in rank order, are the batch one process with batch size G sees, so a DDP run and a
+    single-process run with the same global batch train on the same data in the same order. The
+    permutation depends only on `seed + epoch` (Lightning calls `set_epoch`), so it is the same on
+    every rank and after a resume. A `DistributedSampler`, so Lightning keeps it instead of putting
+    its own (interleaving, globally seeded) sampler in its place.
+
+    `drop_last`: only whole global batches. Otherwise the last global batch is topped up from the
+    start of the permutation when there are several ranks (every rank needs as many batches), and
+    left short with one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.batch_size = batch_size
+
+    def _indices(self) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        per_global = self.batch_size * self.num_replicas
+        if self.drop_last:
+            order = order[: n - n % per_global]
+        elif self.num_replicas > 1 and n % per_global:
+            pad = per_global - n % per_global
+            order += (order * (pad // n + 1))[:pad]
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [i for start in range(0, len(order), per_global) for i in order[start + lo: start + hi]]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -49,12 +94,26 @@ class DataModuleFromConfig(pl.LightningDataModule):
             self.datasets[split] = instantiate_from_config(self.configs[split], key=f"data.params.{split}")
         return self.datasets[split]
 
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, global rank) of the trainer this module serves; (1, 0) outside one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
     def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool) -> DataLoader:
         self.dataset(split)
+        # the generator seeds the workers (and would shuffle); the order comes from the sampler
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=g,
-                          persistent_workers=self.num_workers > 0)
+        sampler = None
+        if split == "train":
+            world, rank = self._ranks()
+            sampler = GlobalBatchSampler(self.datasets[split], batch_size, num_replicas=world, rank=rank,
+                                         shuffle=shuffle, seed=self.seed, drop_last=drop_last)
+            shuffle = False  # the sampler shuffles
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                          drop_last=drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          generator=g, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.configs:

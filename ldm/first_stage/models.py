@@ -29,11 +29,18 @@ AUTOENCODER_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv", "qua
 LatentKind = Literal["tokens", "continuous"]
 
 
+def _no_closure() -> None:
+    """The closure of a manual-optimisation step: the backward already ran (Lightning passes the same)."""
+
+
 class FirstStageModel(pl.LightningModule):
     """Encoder/decoder, loss, EMA, checkpoint loading and the two-optimizer GAN step shared by both models."""
 
     latent_kinds: tuple[str, ...] = ()  # what a prior may model; the first is the default
     latent_kind: str = ""
+    # the generator step (before disc_start) and the discriminator step each reach only part of the
+    # parameters: DDP must look for unused ones (ldm.train.resolve_strategy)
+    ddp_find_unused_parameters = True
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
                  image_key: str = "image", monitor: str | None = None, use_ema: bool = False,
@@ -149,9 +156,14 @@ class FirstStageModel(pl.LightningModule):
             d_loss, log_d = self.loss(aux, x, xrec, 1, step, split="train")
             opt_disc.zero_grad()
             self.manual_backward(d_loss)
-            # the raw optimizer: Lightning counts every wrapped step in global_step, and the
-            # anchors' disc_start counts batches
-            opt_disc.optimizer.step()
+            # global_step counts the steps of the wrapped optimizers, and the anchors' disc_start and
+            # max_steps count batches. So the discriminator steps through the strategy (precision
+            # plugin: autocast, grad scaler unscale/skip-on-inf, clipping, on_before_optimizer_step),
+            # which is what `opt_disc.step()` does minus the hook that increments global_step.
+            if self._trainer is not None:
+                self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=_no_closure, model=self)
+            else:  # stepped by hand, without a Trainer: no precision plugin to go through
+                opt_disc.optimizer.step()
             logs.update(log_d)
         self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict(logs, on_step=True, on_epoch=False)

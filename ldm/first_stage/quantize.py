@@ -11,27 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks in place, so every rank makes the same codebook update."""
-    if _distributed():
-        dist.all_reduce(t)
-    return t
-
-
-def _broadcast_(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank (random picks from data must agree across ranks)."""
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
+from ldm.distributed import all_reduce_sum_, random_global_rows
 
 
 def load_used_codes(remap: str | Path, n_e: int) -> torch.Tensor:
@@ -119,8 +102,9 @@ class VectorQuantizer(nn.Module):
         if restart_dead_codes:
             # start above the threshold: a code gets about log(2)/(1-decay) steps before it counts as dead
             self.register_buffer("code_usage", torch.full((n_e,), 2.0 * max(dead_threshold, 1.0)))
-        # assignment counts since the last reset_usage(): for logging, not part of the checkpoint layout
-        self.register_buffer("usage_counts", torch.zeros(n_e), persistent=False)
+        # This rank's assignment counts since the last reset_usage(), for logging. A plain tensor, not a
+        # buffer: not in the checkpoint, and DDP does not overwrite it with rank 0's (broadcast_buffers).
+        self.usage_counts = torch.zeros(n_e)
 
         self.remap = remap
         self.unknown_index = unknown_index
@@ -176,14 +160,8 @@ class VectorQuantizer(nn.Module):
         return d.argmin(dim=1)
 
     @torch.no_grad()
-    def _random_rows(self, z_flat: torch.Tensor, n: int) -> torch.Tensor:
-        """n rows of z_flat drawn with replacement, identical on every rank. (n, D)"""
-        pick = torch.randint(0, z_flat.shape[0], (n,), device=z_flat.device)
-        return _broadcast_(z_flat[pick].contiguous())
-
-    @torch.no_grad()
     def _init_codebook(self, z_flat: torch.Tensor) -> None:
-        rows = self._random_rows(z_flat, self.n_e)  # (n_e, D)
+        rows = random_global_rows(z_flat, self.n_e)  # (n_e, D) from the global batch
         self.embedding.weight.data.copy_(rows)
         if self.ema_update:
             self.ema_embed_sum.copy_(rows)
@@ -192,12 +170,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, z_flat: torch.Tensor) -> None:
-        """Move codes whose running usage is below `dead_threshold` onto random vectors of this batch."""
+        """Move codes whose running usage is below `dead_threshold` onto random vectors of the global batch."""
         dead = self.code_usage < self.dead_threshold  # (n_e,)
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        rows = self._random_rows(z_flat, n_dead)  # (n_dead, D)
+        rows = random_global_rows(z_flat, n_dead)  # (n_dead, D), the same on every rank
         self.embedding.weight.data[dead] = rows
         if self.ema_update:
             self.ema_embed_sum[dead] = rows
@@ -208,7 +186,7 @@ class VectorQuantizer(nn.Module):
     def _ema_step(self, z_flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
         """N_k <- d N_k + (1-d) n_k; m_k <- d m_k + (1-d) sum_{i: idx_i = k} z_i; e_k = m_k / N~_k (smoothed)."""
         sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, idx, z_flat.to(self.ema_embed_sum.dtype))
-        _all_reduce_sum_(sums)  # (n_e, D)
+        all_reduce_sum_(sums)  # (n_e, D)
         self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.ema_embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         n = self.ema_cluster_size.sum()
@@ -249,12 +227,13 @@ class VectorQuantizer(nn.Module):
         else:
             loss = self.beta * commitment + torch.mean((z_q - z_in.detach()) ** 2)
 
-        counts = torch.bincount(idx, minlength=self.n_e).to(z_flat.dtype)  # (n_e,) this rank's batch
-        self.usage_counts += counts
+        # (n_e,) this rank's batch; in the codebook's dtype, not autocast's (bf16 counts round above 256)
+        counts = torch.bincount(idx, minlength=self.n_e).to(self.embedding.weight.dtype)
+        self.usage_counts = self.usage_counts.to(counts) + counts
         probs = counts / counts.sum()
         perplexity = torch.exp(-torch.sum(probs * torch.log(probs + 1e-10)))
         if self.training and (self.ema_update or self.restart_dead_codes):
-            global_counts = _all_reduce_sum_(counts.clone())
+            global_counts = all_reduce_sum_(counts.clone())
             if self.ema_update:
                 self._ema_step(z_flat.detach(), idx, global_counts)
             if self.restart_dead_codes:
@@ -291,8 +270,9 @@ class VectorQuantizer(nn.Module):
 
     def usage_stats(self) -> dict[str, float]:
         """Fraction of codes used at least once and the perplexity of the code histogram since the
-        last `reset_usage()` (perplexity n_e means uniform use; 1 means a collapsed codebook)."""
-        counts = self.usage_counts
+        last `reset_usage()` (perplexity n_e means uniform use; 1 means a collapsed codebook), over
+        all ranks: a collective under DDP, so every rank calls it."""
+        counts = all_reduce_sum_(self.usage_counts.clone())
         total = counts.sum()
         if total == 0:
             return {"usage": 0.0, "perplexity": 0.0, "used_codes": 0}
