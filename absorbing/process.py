@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.shard import draw_local, gather_global
+from ldm.distributed import draw_local, gather_global
 
 MaskSchedule = Literal["random", "fixed"]
 LossType = Literal["elbo", "reweighted_elbo", "mlm"]
@@ -81,10 +81,10 @@ class AbsorbingDiffusion(nn.Module):
             pt_all = weights / weights.sum()
             gen_device = generator.device if generator is not None else pt_all.device
             t = draw_local(lambda m: torch.multinomial(pt_all.to(gen_device), m, replacement=True,
-                                                       generator=generator), b).to(device)
+                                                       generator=generator), b, device).to(device)
             return t, pt_all.to(device).gather(0, t)
         gen_device = generator.device if generator is not None else device
-        t = draw_local(lambda m: torch.randint(1, T + 1, (m,), device=gen_device, generator=generator), b).to(device)
+        t = draw_local(lambda m: torch.randint(1, T + 1, (m,), device=gen_device, generator=generator), b, device).to(device)
         return t, torch.full((b,), 1.0 / T, device=device)
 
     # --- forward process ----------------------------------------------------------------------
@@ -94,7 +94,7 @@ class AbsorbingDiffusion(nn.Module):
         schedule = schedule or self.mask_schedule
         b, n = x0.shape
         gen_device = generator.device if generator is not None else x0.device
-        u = draw_local(lambda m: torch.rand((m, n), device=gen_device, generator=generator), b).to(x0.device)
+        u = draw_local(lambda m: torch.rand((m, n), device=gen_device, generator=generator), b, x0.device).to(x0.device)
         if schedule == "random":
             mask = u < (t.float().unsqueeze(-1) / self.num_timesteps)
         else:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ldm.shard import draw_local
+from ldm.distributed import draw_local
 
 Cond = dict[str, torch.Tensor]
 
@@ -71,7 +71,7 @@ class Conditioner(nn.Module):
         n = next(iter(cond.values())).shape[0]
         device = next(iter(cond.values())).device
         gen_device = generator.device if generator is not None else device
-        keep = draw_local(lambda m: torch.rand(m, generator=generator, device=gen_device), n).to(device) >= p
+        keep = draw_local(lambda m: torch.rand(m, generator=generator, device=gen_device), n, device).to(device) >= p
         null = self.null(n, device)
         return {k: torch.where(keep.view(n, *[1] * (v.dim() - 1)), v, null[k].to(v.dtype)) for k, v in cond.items()}
 

@@ -1,12 +1,19 @@
-"""Collectives over `torch.distributed` that are the identity in a single process.
+"""Collectives over `torch.distributed` that are the identity in a single process, and randomness that
+does not depend on how a global batch is split over processes.
 
 Statistics that drive training are global (STYLE.md #17): a rank that learns something from its
 share of the batch reduces it with the other ranks, so every rank, and a single process with the
-same global batch, makes the same update. Every function here is a collective when a process group
-of more than one rank is initialised: all ranks must call it, in the same order.
+same global batch, makes the same update. Each rank holds one contiguous block of every global
+batch, in rank order (`ldm.data.datamodule.GlobalBatchSampler`). Random draws are made for the
+whole global batch from a generator every rank holds in the same state, and each rank keeps its
+block, so a DDP run draws what one process would, and a resumed run what the uninterrupted one drew.
+Every function here is a collective when a process group of more than one rank is initialised: all
+ranks must call it, in the same order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -64,3 +71,30 @@ def random_global_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     rows = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
     rows[mine] = x[local[mine]]
     return all_reduce_sum_(rows)  # each row is non-zero on exactly one rank
+
+
+def draw_local(draw: Callable[[int], torch.Tensor], n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`draw(rows)` made for the global batch; this rank's `n` rows of it. `device`: where the
+    collective that counts the rows runs (the process group's device)."""
+    if not is_distributed():
+        return draw(n)
+    total, offset = global_count(n, device)
+    return draw(total)[offset: offset + n]
+
+
+def gather_global(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` (n_r, ...) joined in rank order: the global batch's."""
+    if not is_distributed():
+        return x
+    total, offset = global_count(x.shape[0], x.device)
+    out = torch.zeros(total, *x.shape[1:], dtype=x.dtype, device=x.device)
+    out[offset: offset + x.shape[0]] = x
+    return all_reduce_sum_(out)  # each row is non-zero on one rank only
+
+
+def step_generator(seed: int, *counters: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the run's seed and the position in training (the same on every rank)."""
+    mixed = seed
+    for c in counters:
+        mixed = (mixed * 1_000_003 + int(c) + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)

@@ -11,7 +11,6 @@ Those take `ema`: whether to run the averaged copies (`self.network(name, ema)`)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,8 +22,8 @@ from torch import nn
 from ldm.checkpoint import drop_keys, load_into, load_state_dict
 from ldm.conditioning import ClassLabel, Cond, Conditioner, Unconditional
 from ldm.data.cache import first_stage_fingerprint
+from ldm.distributed import draw_local, gather_global, step_generator
 from ldm.ema import EMA
-from ldm.shard import draw_local, gather_global, step_generator
 from ldm.util import accepted_parameters, get_obj_from_str, instantiate_from_config
 
 # what a batch from a latent cache holds, by latent kind
@@ -216,7 +215,7 @@ class LatentPrior(pl.LightningModule):
             else:
                 gen_device = generator.device if generator is not None else mean.device
                 eps = draw_local(lambda m: torch.randn((m, *mean.shape[1:]), generator=generator,
-                                                       device=gen_device), mean.shape[0]).to(mean.device)
+                                                       device=gen_device), mean.shape[0], mean.device).to(mean.device)
                 z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
         return z * self.scale_factor
 
@@ -326,8 +325,8 @@ class LatentPrior(pl.LightningModule):
     def training_generator(self, batch_idx: int) -> torch.Generator:
         """The noise of one training batch: seeded by the run's seed and the batch's position, the same on
         every rank (each keeps its rows of the global draw) and after a resume."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return step_generator(seed, self.current_epoch, batch_idx, device=self.device)
+        # the seed main.py's seed_everything gave torch (restoring an RNG state keeps it)
+        return step_generator(torch.initial_seed(), self.current_epoch, batch_idx, device=self.device)
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._scale_restored:

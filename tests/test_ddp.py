@@ -152,6 +152,26 @@ def test_ddp_first_stage_matches_one_process(tmp_path):
     assert moved > 1e-3  # the runs did train
 
 
+@pytest.mark.slow
+def test_ddp_prior_matches_one_process(tmp_path):
+    """The tiny absorbing prior: the same data blocks, the same timesteps, masks and class dropout
+    (drawn for the global batch, each rank keeping its block), the same importance-sampling history
+    (gathered from the ranks), hence the same weights and EMA copy as one process."""
+    prior = "configs/test/absorbing.yaml"
+    quick = ["lightning.trainer.max_steps=4", "lightning.trainer.limit_val_batches=0",
+             "lightning.callbacks.image_logger.params.disabled=true", "lightning.checkpoint_every_n_steps=1000"]
+    one = run_main(prior, tmp_path / "one", 1, [*quick, "data.params.batch_size=8"])
+    two = run_main(prior, tmp_path / "two", 2, [*quick, "data.params.batch_size=4"])
+    a, b = final_state(one), final_state(two)
+    assert a["global_step"] == b["global_step"] == 4
+    history = a["state_dict"]["process.Lt_count"]
+    assert int(history.sum()) == 4 * 8  # every row of every global batch counted once, on every rank
+    assert torch.equal(history, b["state_dict"]["process.Lt_count"])
+    report = compare_weights(a["state_dict"], b["state_dict"], lr=1e-3, steps=4)
+    print("absorbing prior, one process vs two ranks:", report)
+    assert max_difference(a["state_dict"], read_checkpoint_init(one))[1] > 1e-3  # it did train
+
+
 def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr: float, steps: int) -> dict:
     """Assert two runs' weights agree up to float rounding; the largest differences found.
 

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from absorbing.process import AbsorbingDiffusion
 from ldm.conditioning import ClassLabel
-from ldm.shard import draw_local, gather_global, step_generator
+from ldm.distributed import draw_local, gather_global, step_generator
 
 GLOBAL_BATCH, N_TOKENS, K, T = 6, 8, 5, 10
 
@@ -46,7 +46,8 @@ def run_steps(rows: slice) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, store: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        torch.save(run_steps(slice(rank, None, world)), f"{results}.{rank}")
+        per_rank = GLOBAL_BATCH // world  # each rank holds one contiguous block of the global batch
+        torch.save(run_steps(slice(rank * per_rank, (rank + 1) * per_rank)), f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
