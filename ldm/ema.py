@@ -64,6 +64,14 @@ class EMA(nn.Module):
         self.copy_untracked_from(model)
 
     @torch.no_grad()
+    def reset_to(self, model: nn.Module) -> None:
+        """Start the average afresh from `model`'s weights (a checkpoint that carried no EMA)."""
+        live = dict(model.named_parameters())
+        for name, avg in self.averaged.named_parameters():
+            avg.copy_(live[name])
+        self.copy_untracked_from(model)
+
+    @torch.no_grad()
     def copy_untracked_from(self, model: nn.Module) -> None:
         """Buffers and frozen parameters (e.g. an EMA-updated codebook) follow the live network as they are."""
         live = dict(model.named_buffers()) | dict(model.named_parameters())

@@ -129,6 +129,10 @@ class LatentPrior(pl.LightningModule):
             state = self.convert_checkpoint_state(drop_keys(load_state_dict(ckpt_path), ignore_keys))
             load_into(self, state, source=str(ckpt_path), allow_missing=tuple(ignore_keys) + self.optional_keys(state),
                       allow_unexpected=FIRST_STAGE_TRAINING_KEYS)
+            for name in self.network_names:  # a checkpoint without EMA copies: they start from its weights
+                ema = getattr(self, f"{name}_ema")
+                if ema is not None and not any(k.startswith(f"{name}_ema.") for k in state):
+                    ema.reset_to(getattr(self, name))
             self.sync_ema_buffers()
 
     def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -107,3 +107,20 @@ def _write(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_ckpt_path_in_the_config_reads_the_original_th(original_th):
+    """`model.params.ckpt_path=<absorbing_*.th>`: the prior maps the sampler's keys onto its own."""
+    th, state, io = original_th
+    import copy
+
+    from ldm.util import instantiate_from_config
+
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model"]["params"]["ckpt_path"] = str(th)
+    prior = instantiate_from_config(config["model"], key="model").eval()
+    assert torch.equal(prior.process.Lt_history, state["Lt_history"])
+    with torch.no_grad():
+        torch.testing.assert_close(prior.model(io["idx"]), io["logits"], atol=1e-5, rtol=1e-4)
+        # the .th holds no EMA: the averaged copy starts from the loaded weights, so sampling uses them
+        torch.testing.assert_close(prior.network("model", ema=True)(io["idx"]), io["logits"], atol=1e-5, rtol=1e-4)
