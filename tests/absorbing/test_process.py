@@ -9,9 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from absorbing.process import AbsorbingDiffusion
-from tests.fixture_paths import FIXTURES, fixture_dir
-
-FIXTURE = FIXTURES / "unleashing-transformers" / "absorbing_transformer"
+from tests.fixture_paths import fixture_dir
 
 
 @pytest.fixture(scope="module")
