@@ -30,7 +30,8 @@ def train(kind: str, logroot: Path) -> str:
 @needs_data
 @pytest.mark.parametrize("kind", ["vq", "kl"])
 def test_train_with_main(kind, tmp_path):
-    """The entrypoint itself, kept in `make test`: a few steps, then the checkpoint rebuilds the model."""
+    """The entrypoint itself, kept in `make test` (about 4 s each): a few steps, then the checkpoint
+    rebuilds the model."""
     logroot = tmp_path / "logs"
     ckpt = train(kind, logroot)
     saved = read_checkpoint(ckpt)
