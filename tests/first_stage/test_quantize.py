@@ -229,6 +229,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes that import torch: 3 to 11 s on a shared 2-core machine
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ranks_agree_on_codebook_updates(tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
