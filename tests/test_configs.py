@@ -40,13 +40,16 @@ def check_config_builds(cfg):
     """Build the model on the meta device, check every class the data and callbacks name, build the Trainer."""
     assert set(cfg) <= {"model", "data", "lightning"} and {"model", "data", "lightning"} <= set(cfg)
     with torch.device("meta"):
-        instantiate_from_config(no_perceptual(_without_ckpt_paths(cfg["model"])), key="model")
+        model = instantiate_from_config(no_perceptual(_without_ckpt_paths(cfg["model"])), key="model")
+    assert type(model) is get_obj_from_str(cfg["model"]["target"])
+    assert sum(p.numel() for p in model.parameters()) > 0
     check_node(cfg["data"], "data")
     for name, cb in (cfg["lightning"].get("callbacks") or {}).items():
         check_node(cb, f"lightning.callbacks.{name}")
     trainer = {k: v for k, v in (cfg["lightning"].get("trainer") or {}).items()
                if k not in ("accelerator", "devices", "gpus", "strategy", "num_nodes")}
-    pl.Trainer(**{**trainer, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False})
+    built = pl.Trainer(**{**trainer, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False})
+    assert built.max_steps == trainer.get("max_steps", -1)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))

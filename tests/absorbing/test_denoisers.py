@@ -9,15 +9,14 @@ from safetensors.torch import load_file
 from absorbing.unleashing import UnleashingTransformer
 from ldm.checkpoint import load_into, load_state_dict
 from ldm.nn.transformer import TokenTransformer
-from tests.absorbing.test_process import FIXTURE
+from tests.fixture_paths import fixture_dir
 
 
 def test_original_denoiser_logits():
-    if not FIXTURE.exists():
-        pytest.skip(f"reference fixtures not found at {FIXTURE}")
+    root = fixture_dir("unleashing-transformers", "absorbing_transformer")
     net = UnleashingTransformer(vocab_size=16, seq_len=16, n_embd=32, n_head=4, n_layer=2).eval()
-    load_into(net, load_state_dict(FIXTURE / "state_dict.safetensors"), source="unleashing fixture")
-    io = load_file(str(FIXTURE / "io.safetensors"))
+    load_into(net, load_state_dict(root / "state_dict.safetensors"), source="unleashing fixture")
+    io = load_file(str(root / "io.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(net(io["idx"]), io["logits"], atol=1e-5, rtol=1e-4)
         # the loss replay's logits come from the same network
@@ -47,7 +46,6 @@ def test_paper_parameter_count_matches_the_original_layout():
     import json
 
     from absorbing.unleashing import paper_parameter_count
-    from tests.fixture_paths import fixture_dir
 
     root = fixture_dir("unleashing-transformers", "absorbing_transformer")
     layout = json.loads((root / "config.json").read_text())["state_dict_layout"]

@@ -9,9 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from absorbing.process import AbsorbingDiffusion
-from tests.fixture_paths import FIXTURES, fixture_dir
-
-FIXTURE = FIXTURES / "unleashing-transformers" / "absorbing_transformer"
+from tests.fixture_paths import fixture_dir
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +65,12 @@ def test_elbo_equals_nll_for_independent_tokens_with_true_marginals():
     # The ELBO's expectation over masks equals the NLL; average many draws to check it.
     draws = torch.stack([proc.elbo(true_marginals, x0, generator=g) for _ in range(200)])
     torch.testing.assert_close(draws.mean(0).mean(), nll_bits.mean(), atol=0.01, rtol=0.01)
-    # and the expectation is exact per sample: E_mask[ce_t] = (t/T) * sum_i -log p_i(x_i)
-    exact = sum((s / T) * (-logp.gather(1, x0.T).T.sum(1)) / s for s in range(1, T + 1)) / (math.log(2) * N)
-    torch.testing.assert_close(exact, nll_bits)
+    # per sample too: the draws' mean is within 0.1 bits (about 4.5 standard errors) of each sample's own
+    # NLL, while the NLLs themselves spread over more than a bit, so a mix-up of samples shows
+    assert float(nll_bits.max() - nll_bits.min()) > 1.0
+    torch.testing.assert_close(draws.mean(0), nll_bits, atol=0.1, rtol=0)
+    # at t = T every token is masked (u < T/T always), so that one term is exactly NLL / T, draw or not
+    torch.testing.assert_close(proc.elbo(true_marginals, x0, generator=g, timesteps=[T]), nll_bits / T)
     # the stratified estimate (4 calls instead of T) is unbiased too
     strat = torch.stack([proc.elbo(true_marginals, x0, generator=g, strata=4) for _ in range(400)])
     torch.testing.assert_close(strat.mean(0).mean(), nll_bits.mean(), atol=0.02, rtol=0.02)

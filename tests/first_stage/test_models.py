@@ -76,6 +76,7 @@ def restore_global_step():
             delattr(cls, "global_step")
 
 
+@pytest.mark.slow  # 60 optimiser steps of a conv autoencoder: tens of seconds on two cores
 @pytest.mark.parametrize("kind", ["vq", "kl"])
 def test_overfits_one_batch(kind):
     torch.manual_seed(0)

@@ -103,10 +103,23 @@ def test_prior_evaluation_helpers():
     assert images.shape == (25, 1, 32, 32) and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     again, _ = generate(FakePrior(), 25, num_classes=10, batch_size=10, progress=False)
     assert torch.equal(images, again)  # seeded per batch
+    assert not torch.equal(images[:10], images[10:20])  # with a different seed for each batch
+    torch.manual_seed(0)
     net = FMNISTClassifier().eval()
-    ref = feature_statistics(net.features(torch.rand(40, 1, 32, 32) * 2 - 1).detach())
+    with torch.no_grad():
+        feats, preds = net.features(images), net(images).argmax(1)  # (25, 128), (25,)
+    # against statistics of the same features shifted by 0.5 in each of the 128 dimensions the FD is
+    # 128 * 0.5^2 (same covariance); against their own statistics it is zero. The accuracy counts the
+    # classifier's agreement with the labels given.
+    ref = feature_statistics(feats + 0.5)
     scores = sample_scores(images, labels, net, ref)
-    assert set(scores) == {"FD_fmnist", "conditional_accuracy"} and scores["FD_fmnist"] >= 0
+    assert set(scores) == {"FD_fmnist", "conditional_accuracy"}
+    assert scores["FD_fmnist"] == pytest.approx(128 * 0.25, rel=1e-3)
+    assert sample_scores(images, preds, net, feature_statistics(feats))["FD_fmnist"] == pytest.approx(0, abs=1e-3)
+    assert sample_scores(images, preds, net, ref)["conditional_accuracy"] == 1.0
+    assert sample_scores(images, (preds + 1) % 10, net, ref)["conditional_accuracy"] == 0.0
+    assert sample_scores(images, labels, net, ref)["conditional_accuracy"] == float((preds == labels).float().mean())
+    assert "conditional_accuracy" not in sample_scores(images, None, net, ref)
     assert sweep({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
 
 
