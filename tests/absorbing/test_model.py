@@ -86,11 +86,11 @@ def test_overfits_a_batch_below_uniform_bits():
     model = build(**{"model.params.use_ema": False})  # the trained weights are the ones scored
     h, w = model.latent_shape[-2:]
     x0 = torch.arange(8).view(8, 1, 1).expand(8, h, w).contiguous()  # (8, h, w) long
-    cond = torch.zeros(8, dtype=torch.long)  # one class for all, so the label tells nothing
+    cond = {"class_label": torch.zeros(8, dtype=torch.long)}  # one class for all: the label tells nothing
     uniform = math.log2(model.process.codebook_size)
     with torch.no_grad():
-        before = float(model.eval().nll_latents(x0, cond, torch.Generator().manual_seed(0)).mean())
-    assert before == pytest.approx(uniform, abs=0.5)  # an untrained network is close to uniform
+        before = float(model.eval().nll_latents(x0, cond, generator=torch.Generator().manual_seed(0)).mean())
+    assert before > uniform - 0.5  # an untrained network does no better than about uniform
     opt = torch.optim.Adam(model.model.parameters(), lr=3e-3)
     model.train()
     for _ in range(150):
@@ -99,7 +99,7 @@ def test_overfits_a_batch_below_uniform_bits():
         loss.backward()
         opt.step()
     with torch.no_grad():
-        after = float(model.eval().nll_latents(x0, cond, torch.Generator().manual_seed(0)).mean())
+        after = float(model.eval().nll_latents(x0, cond, generator=torch.Generator().manual_seed(0)).mean())
     assert after < uniform - 3.0, (before, after)
 
 
