@@ -132,3 +132,15 @@ def test_rng_state_round_trip():
     cb.load_state_dict(state)
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_config_bf16_on_a_cpu_without_native_bf16_trains_in_float32(monkeypatch, capsys):
+    import ldm.train as train
+
+    cfg = {"accelerator": "cpu", "precision": "bf16-mixed", "max_steps": 3}
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.cpu_precision(cfg) == {**cfg, "precision": "32-true"}
+    assert "no native bfloat16" in capsys.readouterr().out
+    assert train.cpu_precision({**cfg, "accelerator": "gpu"})["precision"] == "bf16-mixed"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.cpu_precision(cfg) == cfg
