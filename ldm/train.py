@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.util import ConfigError, check_params, instantiate_from_config
+from ldm.util import ConfigError, allow_targets, check_params, instantiate_from_config
 
 CONFIG_SECTIONS = ("model", "data", "lightning")
 # Lightning's DDP launcher starts ranks > 0 by running this script again, seconds later: they take the
@@ -56,6 +56,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_nodes", type=int, default=None)
     p.add_argument("--precision", default=None, help="e.g. 32, 16-mixed, bf16-mixed")
     p.add_argument("--max_steps", type=int, default=None)
+    p.add_argument("--allow-target", action="append", default=[], metavar="PKG.MODULE",
+                   help="let configs build classes from this package too (your own code); repeatable")
     return p
 
 
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     parser = get_parser()
     opt, unknown = parser.parse_known_args(argv)
+    allow_targets(opt.allow_target)
     now = run_time()
     paths = resolve_run(opt, now)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -42,10 +43,54 @@ def _to_plain(config: Any) -> Any:
     return config
 
 
+# What a config may build: classes from these packages (and registered factory functions). A config
+# that names anything else (`os.system`, `subprocess.Popen`, `builtins.eval`, ...) is refused before
+# its module is even imported, so neither a YAML file nor the config stored in a checkpoint can run
+# code. The user widens the list on purpose: `main.py --allow-target pkg.module` or the environment
+# variable LDM_ALLOW_TARGETS=pkg.a,pkg.b; a checkpoint never can.
+PROJECT_PACKAGES = ("ldm", "absorbing", "imagebart", "sundae")
+ALLOWED_LIBRARIES = ("torch.nn", "torch.optim", "torchvision.models", "torchvision.transforms", "x_transformers",
+                     "pytorch_lightning.callbacks", "lightning.pytorch.callbacks")
+ALLOW_ENV = "LDM_ALLOW_TARGETS"
+_user_allowed: list[str] = []
+_factories: set[str] = set()
+
+
+def allow_targets(prefixes: Iterable[str]) -> None:
+    """Let configs build classes from more packages (the user's own code), for this process."""
+    for prefix in prefixes:
+        prefix = prefix.strip().rstrip(".")
+        if prefix and prefix not in _user_allowed:
+            _user_allowed.append(prefix)
+
+
+def register_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: a function that configs may name as a `target` (only classes may, otherwise)."""
+    _factories.add(f"{fn.__module__}.{fn.__qualname__}")
+    return fn
+
+
+def allowed_prefixes() -> tuple[str, ...]:
+    env = [p for p in os.environ.get(ALLOW_ENV, "").split(",") if p.strip()]
+    return PROJECT_PACKAGES + ALLOWED_LIBRARIES + tuple(_user_allowed) + tuple(p.strip() for p in env)
+
+
+def check_target_allowed(string: str, key: str) -> None:
+    """Refuse a target outside the allowed packages, before anything is imported."""
+    prefixes = allowed_prefixes()
+    if not any(string == p or string.startswith(p + ".") for p in prefixes):
+        module = string.rsplit(".", 1)[0]
+        raise ConfigError(key, f"target {string!r} is not allowed: configs build classes from this project "
+                               f"({', '.join(PROJECT_PACKAGES)}) and {', '.join(ALLOWED_LIBRARIES)}; to build "
+                               f"your own class, allow its package on purpose (main.py --allow-target {module}, "
+                               f"or {ALLOW_ENV}={module})")
+
+
 def get_obj_from_str(string: str, key: str = "target") -> Any:
-    """Import `package.module.Name`; a failure names the config key."""
+    """Import `package.module.Name` from an allowed package; a failure names the config key."""
     if not isinstance(string, str) or "." not in string:
         raise ConfigError(key, f"expected a dotted path like 'package.module.Class', got {string!r}")
+    check_target_allowed(string, key)
     module_name, attr = string.rsplit(".", 1)
     try:
         module = importlib.import_module(module_name)
@@ -117,8 +162,10 @@ def instantiate_from_config(config: Any, key: str = "config", **extra: Any) -> A
         raise ConfigError(key, f"unexpected key(s) {', '.join(map(repr, stray))}; a node has 'target' and 'params'")
     cls = get_obj_from_str(config["target"], key=f"{key}.target")
     params = dict(config.get("params") or {})
-    if not callable(cls):
-        raise ConfigError(f"{key}.target", f"{config['target']!r} is not callable")
+    if not inspect.isclass(cls) and config["target"] not in _factories:
+        raise ConfigError(f"{key}.target", f"{config['target']!r} is a {type(cls).__name__}, not a class: configs "
+                                           "build classes (and functions registered with "
+                                           "ldm.util.register_factory)")
     if inspect.isclass(cls) or inspect.isfunction(cls):
         check_params(cls, params, key, provided=tuple(extra))
     try:

@@ -79,7 +79,7 @@ def test_sigusr1_saves_and_stops(tmp_path):
     text = (tmp_path / "run.log").read_text()
     assert "Received signal" in text
     # the signal's save is the final last.ckpt (not the one validation wrote at step 4): same step
-    said = re.search(r"Saved \S+last\.ckpt at step (\d+); stopping", text)
+    said = re.search(r"Saved \S+last\.ckpt at step (\d+) \(signal\)", text)
     assert said, text[-2000:]
     saved = read_checkpoint(glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))[0])
     assert saved["global_step"] == int(said.group(1)) >= 4
