@@ -80,16 +80,31 @@ def test_main_refuses_a_yaml_naming_a_payload(target, tmp_path):
     assert not marker.exists() and not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("target", PAYLOADS)
-def test_a_checkpoint_storing_a_payload_is_refused_everywhere(target, tmp_path):
-    """The config inside a checkpoint cannot name a payload, and cannot widen the allow-list either."""
+def evil_checkpoint(target: str, tmp_path: Path) -> tuple[Path, Path]:
     marker = tmp_path / "ran"
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "config": {"model": payload(target, marker)}}, ckpt)
+    return ckpt, marker
+
+
+@pytest.mark.parametrize("target", PAYLOADS)
+def test_a_checkpoint_storing_a_payload_is_refused(target, tmp_path):
+    """The config inside a checkpoint cannot name a payload, and cannot widen the allow-list either."""
+    ckpt, marker = evil_checkpoint(target, tmp_path)
     with pytest.raises(ConfigError, match=f"target '{target}' is not allowed"):
         instantiate_from_checkpoint(ckpt)
-    for script in ("sample.py", "evaluate.py", "benchmark.py"):
-        run = subprocess.run([sys.executable, f"scripts/{script}", "-r", str(ckpt)], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode != 0 and "is not allowed" in run.stderr, (script, run.stderr[-500:])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "benchmark.py", "export_weights.py"])
+def test_scripts_refuse_a_checkpoint_storing_a_payload(script, tmp_path):
+    ckpt, marker = evil_checkpoint("subprocess.Popen", tmp_path)
+    args = [str(ckpt), "--out", str(tmp_path / "out")] if script == "export_weights.py" else ["-r", str(ckpt)]
+    run = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    if script == "export_weights.py":  # it builds nothing: weights and config are copied as data
+        assert "holds no tensors to export" in run.stderr and "Traceback" not in run.stderr
+        assert not marker.exists()
+        return
+    assert run.returncode != 0 and "is not allowed" in run.stderr, run.stderr[-500:]
     assert not marker.exists()
