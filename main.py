@@ -2,7 +2,8 @@
 
 import sys
 
+from ldm.cli import run
 from ldm.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

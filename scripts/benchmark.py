@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
@@ -83,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

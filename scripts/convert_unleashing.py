@@ -26,6 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from absorbing.unleashing import convert_sampler_state_dict  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_into, read_checkpoint, state_dict_in  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 PAPER_DENOISER = "absorbing.unleashing.UnleashingTransformer"
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

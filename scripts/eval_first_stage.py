@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, load_classifier  # noqa: E402
 from ldm.metrics.eval_data import image_split  # noqa: E402
 from ldm.metrics.first_stage_eval import evaluate_first_stage  # noqa: E402
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

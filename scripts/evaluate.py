@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, classifier_outputs, load_classifier  # noqa: E402
 from ldm.metrics.eval_data import image_split  # noqa: E402
 from ldm.metrics.frechet import feature_statistics  # noqa: E402
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

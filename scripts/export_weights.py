@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, export_safetensors, read_checkpoint, state_dict_in  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.ema import ema_state_dict  # noqa: E402
 
 
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
+from ldm.cli import run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import export_safetensors  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.data.fmnist import FashionMNIST  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, FMNISTClassifier  # noqa: E402
 
@@ -88,4 +89,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -108,3 +108,14 @@ def test_scripts_refuse_a_checkpoint_storing_a_payload(script, tmp_path):
         return
     assert run.returncode != 0 and "is not allowed" in run.stderr, run.stderr[-500:]
     assert not marker.exists()
+
+
+def test_main_py_ends_a_refused_config_with_one_paragraph_and_status_2(tmp_path):
+    marker = tmp_path / "ran"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(yaml.safe_dump({"model": payload("os.system", marker)}))
+    run = subprocess.run([sys.executable, "main.py", "--base", str(cfg), "-t", "-l", str(tmp_path / "logs")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "error: model.target: target 'os.system' is not allowed" in run.stderr
+    assert not marker.exists() and not (tmp_path / "logs").exists()
