@@ -193,10 +193,14 @@ class LatentPrior(pl.LightningModule):
 
     # --- latents ------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] to what the prior models: tokens (B, h, w) or scaled z."""
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               mode: bool | None = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] to what the prior models: tokens (B, h, w) or scaled z.
+
+        A KL posterior gives its mean by default; `mode=None` follows the prior's `posterior` setting.
+        """
         enc = self.first_stage_model.encode_for_prior(images.to(self.device), kind=self.latent_kind)
-        return self.latents_from_encoding(enc, generator)
+        return self.latents_from_encoding(enc, generator, mode)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -232,9 +236,7 @@ class LatentPrior(pl.LightningModule):
         if self.image_key not in batch:
             raise KeyError(f"batch has neither cached {self.latent_kind} latents ({', '.join(CACHE_KEYS[self.latent_kind])}) "
                            f"nor {self.image_key!r} (images)")
-        images = batch[self.image_key]
-        enc = self.first_stage_model.encode_for_prior(images.to(self.device), kind=self.latent_kind)
-        return self.latents_from_encoding(enc, generator, mode)
+        return self.encode(batch[self.image_key], generator, mode)
 
     def get_cond(self, batch: Mapping[str, Any]) -> Cond:
         return self.conditioner.encode(batch, device=self.device)
@@ -310,8 +312,7 @@ class LatentPrior(pl.LightningModule):
         images = images.to(self.device)
         mask = mask.to(self.device)
         known = self.latent_mask(mask, images)
-        enc = self.first_stage_model.encode_for_prior(images, kind=self.latent_kind)
-        latents = self.latents_from_encoding(enc, mode=True)
+        latents = self.encode(images)
         out = self.inpaint_latents(latents, known, self.user_cond(cond, images.shape[0]), generator,
                                    ema=use_ema, **sampler_kw)
         decoded = self.decode(out)

@@ -56,7 +56,7 @@ def _describe(kind: str) -> str:
     return "tokens" if kind == "tokens" else f"{kind} latents"
 
 
-def _storable(name: str, t: torch.Tensor, kind: str, model: Any) -> torch.Tensor:
+def _storable(t: torch.Tensor, kind: str, model: Any) -> torch.Tensor:
     """Integers (tokens) in the narrowest dtype that holds the codebook; floats as float32."""
     if t.is_floating_point():
         return t.float()
@@ -108,7 +108,7 @@ def build_cache(model: Any, dataset: Dataset, out_dir: str | os.PathLike, finger
         clash = set(encoded) & set(BOOKKEEPING)
         if clash:
             raise ValueError(f"encode_for_prior returned reserved keys {sorted(clash)}")
-        tensors = {name: _storable(name, torch.cat(ts), kind, model) for name, ts in encoded.items()}
+        tensors = {name: _storable(torch.cat(ts), kind, model) for name, ts in encoded.items()}
         tensors.update(class_label=torch.cat(labels), index=torch.tensor(list(idx), dtype=torch.long))
         tmp = out / f".{_shard_name(s)}.tmp"
         save_file(tensors, str(tmp))
