@@ -1,4 +1,4 @@
-"""Lightning callbacks of the training entrypoint: run folder, image grids, RNG state, signals."""
+"""Lightning callbacks of the training entrypoint: run folder, image grids, per-batch seeds, signals."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.distributed import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +55,43 @@ class SetupCallback(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         full = OmegaConf.merge(self.config, {"lightning": self.lightning_config})
         checkpoint["config"] = OmegaConf.to_container(full, resolve=True)
+        # flush what the loggers buffer (the CSV writes every 100 steps): a run killed after this save and
+        # resumed from it then has every step before it in its logs
+        for logger in trainer.loggers:
+            logger.save()
 
 
-class RNGStateCallback(pl.Callback):
-    """Save and restore the python, numpy and torch RNG states so a resumed run continues the same stream."""
+class StepSeed(pl.Callback):
+    """Seed python, numpy and torch afresh before every training batch, from the run's seed and the batch's
+    position (epoch, index in the epoch).
+
+    Whatever runs between two batches (validation, image grids, a checkpoint restore) then cannot shift the
+    random streams training draws from: a run resumed from any checkpoint draws what the uninterrupted run
+    draws. Every rank seeds alike, as `seed_everything` does. The seed is kept in checkpoints, so a resumed
+    run keeps it, and handed to the LightningModule as `run_seed` (the priors derive their per-batch noise
+    generators from it).
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = int(seed)
 
     def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        state = {
-            "python": random.getstate(),
-            "numpy": {"key": np_state[0], "state": torch.from_numpy(np_state[1].astype(np.int64)),
-                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return {"seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        py = state["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        n = state["numpy"]
-        np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        self.seed = int(state["seed"])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.run_seed = self.seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # counters (-1, epoch, batch): never the (epoch, batch) pair of the priors' own generators
+        seed = mix_seed(self.seed, -1, trainer.current_epoch, batch_idx)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
 
 class SignalCheckpoint(pl.Callback):
@@ -106,6 +120,7 @@ class SignalCheckpoint(pl.Callback):
         self.ckptdir = ckptdir
         self.signals = tuple(signals)
         self.requested: int | None = None  # the signal this rank received, until the ranks agree on it
+        self.stopped_by: int | None = None  # the signal training stopped for (any rank's), once it has
         self._previous: dict[int, Any] = {}
         self._saved_step = -1
 
@@ -148,6 +163,9 @@ class SignalCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         # one tiny all-reduce per batch: a signal that reached any rank stops all of them
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            # SIGTERM on any rank wins: every rank then exits non-zero
+            term = trainer.strategy.reduce_boolean_decision(self.requested == signal.SIGTERM, all=False)
+            self.stopped_by = signal.SIGTERM if term else signal.SIGUSR1
             self._save(trainer, "signal")
             if trainer.is_global_zero:
                 print("Stopping after the signal.", flush=True)

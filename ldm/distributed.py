@@ -92,9 +92,14 @@ def gather_global(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum_(out)  # each row is non-zero on one rank only
 
 
-def step_generator(seed: int, *counters: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from the run's seed and the position in training (the same on every rank)."""
-    mixed = seed
+def mix_seed(seed: int, *counters: int) -> int:
+    """One seed from the run's seed and a position in training (counters >= -1)."""
+    mixed = int(seed)
     for c in counters:
         mixed = (mixed * 1_000_003 + int(c) + 1) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(mixed)
+    return mixed
+
+
+def step_generator(seed: int, *counters: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the run's seed and the position in training (the same on every rank)."""
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, *counters))

@@ -330,8 +330,10 @@ class LatentPrior(pl.LightningModule):
     def training_generator(self, batch_idx: int) -> torch.Generator:
         """The noise of one training batch: seeded by the run's seed and the batch's position, the same on
         every rank (each keeps its rows of the global draw) and after a resume."""
-        # the seed main.py's seed_everything gave torch (restoring an RNG state keeps it)
-        return step_generator(torch.initial_seed(), self.current_epoch, batch_idx, device=self.device)
+        # the run's seed (main.py's StepSeed callback sets it; outside main.py, the one torch was seeded with)
+        seed = getattr(self, "run_seed", None)
+        return step_generator(torch.initial_seed() if seed is None else seed, self.current_epoch, batch_idx,
+                              device=self.device)
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._scale_restored:

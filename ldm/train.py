@@ -9,6 +9,7 @@ import argparse
 import datetime
 import glob
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.run_folder import RUN_DIR_ENV, RunLock, claim_new_folder, is_launched_rank, remove_stale_temporaries
 from ldm.util import ConfigError, allow_targets, check_params, instantiate_from_config
 
 CONFIG_SECTIONS = ("model", "data", "lightning")
 # Lightning's DDP launcher starts ranks > 0 by running this script again, seconds later: they take the
 # run folder's timestamp from rank 0 through the environment they inherit, so all ranks share one folder.
 RUN_TIME_ENV = "LDM_RUN_TIME"
+RUN_LOCKS: list[RunLock] = []  # held until the process exits
 
 
 def str2bool(v: str | bool) -> bool:
@@ -223,14 +226,33 @@ def resolve_strategy(trainer_cfg: dict[str, Any], model: Any) -> None:
               "that leave some parameters without gradients")
 
 
-def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictConfig, model: Any, resume: bool):
+def take_run_folder(paths: RunPaths, resume: bool) -> RunPaths:
+    """Rank 0 claims a new run folder (another name if it exists) or the resumed one, locks it for the
+    life of the process and removes temporary checkpoint files a killed run left; launched ranks take
+    rank 0's folder."""
+    if is_launched_rank():
+        logdir = os.environ.get(RUN_DIR_ENV, paths.logdir)
+    else:
+        logdir = paths.logdir if resume else claim_new_folder(paths.logdir)
+        if logdir != paths.logdir:
+            print(f"{paths.logdir} exists: this run writes to {logdir}")
+        RUN_LOCKS.append(RunLock(logdir).acquire())
+        for stale in remove_stale_temporaries(os.path.join(logdir, "checkpoints")):
+            print(f"removed {stale}, a temporary checkpoint file left by an interrupted run")
+        os.environ[RUN_DIR_ENV] = logdir
+    return RunPaths(paths.now, os.path.basename(logdir), logdir, os.path.join(logdir, "checkpoints"),
+                    os.path.join(logdir, "configs"), paths.resume_ckpt)
+
+
+def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictConfig, model: Any, resume: bool,
+                    seed: int):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from ldm.callbacks import ImageLogger, RNGStateCallback, SetupCallback, SignalCheckpoint
+    from ldm.callbacks import ImageLogger, SetupCallback, SignalCheckpoint, StepSeed
 
     callbacks: list[Any] = [
         SetupCallback(resume, paths.now, paths.logdir, paths.ckptdir, paths.cfgdir, config, lightning_config),
-        RNGStateCallback(),
+        StepSeed(seed),
         SignalCheckpoint(paths.ckptdir),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -256,6 +278,14 @@ def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictC
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return train(argv)
+    finally:
+        while RUN_LOCKS:
+            RUN_LOCKS.pop().release()
+
+
+def train(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     parser = get_parser()
     opt, unknown = parser.parse_known_args(argv)
@@ -264,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = resolve_run(opt, now)
 
     import pytorch_lightning as pl
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from ldm.callbacks import AtomicCheckpointIO
+    from ldm.callbacks import AtomicCheckpointIO, SignalCheckpoint
+    from ldm.checkpoint import read_checkpoint
+    from ldm.loggers import run_loggers
 
     pl.seed_everything(opt.seed, workers=True)
     # Lightning's DDP reseeds every rank from PL_GLOBAL_SEED as training starts; one process does not.
@@ -286,15 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     resolve_strategy(trainer_cfg, model)
     lightning_config.trainer = trainer_cfg
 
-    loggers = [TensorBoardLogger(paths.logdir, name="tensorboard", version=""),
-               CSVLogger(paths.logdir, name="csv", version="")]
-    callbacks = build_callbacks(paths, config, lightning_config, model, bool(paths.resume_ckpt))
+    resume_step = None
+    if paths.resume_ckpt:
+        resume_step = int(read_checkpoint(paths.resume_ckpt).get("global_step", 0))
+    if opt.train or paths.resume_ckpt:
+        paths = take_run_folder(paths, resume=bool(opt.resume))
+    loggers = run_loggers(paths.logdir, resume_step)
+    callbacks = build_callbacks(paths, config, lightning_config, model, bool(paths.resume_ckpt), opt.seed)
     trainer = pl.Trainer(**trainer_cfg, logger=loggers, callbacks=callbacks, default_root_dir=paths.logdir,
                          plugins=[AtomicCheckpointIO()])
 
     if opt.train:
         # SignalCheckpoint saves last.ckpt on an exception, SIGUSR1 or SIGTERM; -r resumes from it.
         trainer.fit(model, datamodule=data, ckpt_path=paths.resume_ckpt, weights_only=True)
+        stopped_by = next(c.stopped_by for c in callbacks if isinstance(c, SignalCheckpoint))
+        if stopped_by == signal.SIGTERM:
+            # a scheduler that sent SIGTERM reads a non-zero status as "interrupted" (and may requeue)
+            print(f"Stopped by SIGTERM after saving {paths.ckptdir}/last.ckpt: exit status {128 + stopped_by}.")
+            return 128 + stopped_by
     if not opt.no_test and not trainer.interrupted and getattr(data, "has_test", True):
         if opt.train or paths.resume_ckpt:
             trainer.test(model, datamodule=data, ckpt_path=None if opt.train else paths.resume_ckpt,

@@ -37,6 +37,7 @@ class GlobalBatchSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.batch_size = batch_size
+        self.start_batch = 0  # batches of this epoch already consumed: the next iteration starts after them
 
     def _indices(self) -> list[int]:
         n = len(self.dataset)
@@ -55,10 +56,50 @@ class GlobalBatchSampler(DistributedSampler):
         return [i for start in range(0, len(order), per_global) for i in order[start + lo: start + hi]]
 
     def __iter__(self):
-        return iter(self._indices())
+        start, self.start_batch = self.start_batch * self.batch_size, 0
+        return iter(self._indices()[start:])
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+class ResumableLoader(DataLoader):
+    """A training loader whose position Lightning checkpoints (`state_dict` / `load_state_dict`): the epoch
+    and how many of its batches were consumed, so a run resumed mid-epoch continues the epoch where it
+    stopped instead of replaying its first batches (and ends the epoch when the uninterrupted run would).
+
+    Lightning draws exactly one batch per step from a loader of known length (no prefetch), so the batches
+    this iterator handed out are the ones trained on when a checkpoint is written at a batch end.
+    """
+
+    sampler: GlobalBatchSampler
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self):
+        sampler = self.sampler
+        if self._resume is not None:
+            if self._resume["epoch"] == sampler.epoch:
+                sampler.start_batch = self._resume["batches"]
+            self._resume = None
+        self.consumed = sampler.start_batch
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self.consumed)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        # the epoch too: Lightning may create the iterator before it sets the resumed epoch on the sampler
+        self.sampler.set_epoch(int(state["epoch"]))
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -111,7 +152,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
             sampler = GlobalBatchSampler(self.datasets[split], batch_size, num_replicas=world, rank=rank,
                                          shuffle=shuffle, seed=self.seed, drop_last=drop_last)
             shuffle = False  # the sampler shuffles
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+        loader = ResumableLoader if sampler is not None else DataLoader
+        return loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                           drop_last=drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           generator=g, persistent_workers=self.num_workers > 0)
 
