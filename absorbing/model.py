@@ -13,13 +13,53 @@ from absorbing.unleashing import convert_sampler_state_dict
 from absorbing.windows import windowed_denoiser
 from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
+from ldm.sampler_options import Option, SamplerOptions
 from ldm.util import instantiate_from_config
+
+
+def _training_hw(prior: AbsorbingPrior, _: Any = None) -> tuple[int, int]:
+    return tuple(prior.latent_shape[-2:])
+
+
+def _max_steps(prior: AbsorbingPrior, options: dict[str, Any]) -> int:
+    """T, or one step per token in raster order."""
+    if options.get("order") == "raster":
+        h, w = options.get("shape") or _training_hw(prior)
+        return h * w
+    return prior.process.num_timesteps
+
+
+SAMPLER_OPTIONS = SamplerOptions(
+    Option("order", str, "random", choices=("random", "confidence", "raster"),
+           help="which masked tokens a step reveals: each with probability 1/s (the paper), the most confident "
+                "on a cosine schedule (MaskGIT), or the next ones in raster order"),
+    Option("shape", int, _training_hw, low=_training_hw, size=2, nullable=True, modes=("sample",),
+           help="token map (h, w) to sample, at least the training shape; larger maps are sampled with "
+                "overlapping training-size windows (None: the training shape)"),
+    Option("steps", int, lambda prior, _: prior.sample_steps, low=1, high=_max_steps, nullable=True,
+           help="reverse steps S (step s runs at time round(s T / S)); at most T, or one per token in raster "
+                "order (None: the config's sample_steps)"),
+    Option("temperature", float, 1.0, low=0.0,
+           help="divides the logits: 0 takes the most likely token, < 1 sharpens, > 1 flattens"),
+    Option("top_k", int, None, low=1, nullable=True,
+           help="draw from the k most likely tokens only (None: all)"),
+    Option("top_p", float, None, low=0.0, high=1.0, low_open=True, nullable=True,
+           help="draw from the smallest set of tokens whose probability reaches p (nucleus; None: all)"),
+    Option("guidance_scale", float, 1.0, low=0.0, conditional_only=True,
+           help="classifier-free guidance s, log p_u + s (log p_c - log p_u): 1 is the conditional model "
+                "(no guidance), 0 the unconditional one, > 1 follows the condition more closely; needs a "
+                "prior trained with cond_drop_prob > 0"),
+    Option("stride", int, None, low=1, high=_training_hw, size=2, nullable=True,
+           help="window stride (h, w) for maps larger than the training shape (None: half a window); "
+                "unused at the training shape"),
+)
 
 
 class AbsorbingPrior(LatentPrior):
     """Bond-Taylor et al. 2022 on the tokens of a VQ first stage; class-conditional with a class token."""
 
     latent_kind = "tokens"
+    sampler_options = SAMPLER_OPTIONS
 
     def __init__(
         self,
@@ -54,6 +94,8 @@ class AbsorbingPrior(LatentPrior):
         if time_conditioning:
             backbone_kw.update(time_conditioning=True, num_timesteps=num_timesteps)
         self.model = instantiate_from_config(denoiser_config, key="denoiser_config", **backbone_kw)
+        if sample_steps is not None and not 1 <= sample_steps <= num_timesteps:
+            raise ValueError(f"sample_steps must be in 1..{num_timesteps} (num_timesteps) or None, got {sample_steps}")
         self.sample_steps = sample_steps or num_timesteps
         self.finish_init(ckpt_path, ignore_keys)
 
@@ -86,11 +128,9 @@ class AbsorbingPrior(LatentPrior):
         net = self.denoiser(ema)
         if (h, w) != tuple(self.latent_shape[-2:]):
             net = windowed_denoiser(net, (h, w), tuple(self.latent_shape[-2:]), stride)
-        guided = kw.get("guidance_scale", 1.0) != 1.0
-        if guided and not cond:
-            raise ValueError("guidance_scale needs a conditional prior and cond")
         tokens = sample(
-            net, (n, h * w), self.process.mask_id, self.process.num_timesteps, steps or self.sample_steps, cond or None,
+            net, (n, h * w), self.process.mask_id, self.process.num_timesteps,
+            self.sample_steps if steps is None else steps, cond or None,
             generator, null_cond=self.null_cond(n) if cond else None, order=order, device=self.device,
             x_init=None if x_init is None else x_init.flatten(1), known=None if known is None else known.flatten(1),
             **kw,
@@ -99,10 +139,10 @@ class AbsorbingPrior(LatentPrior):
 
     def sample_latents(self, n: int, cond: Cond, generator: torch.Generator | None, ema: bool = True,
                        shape: Sequence[int] | None = None, **kw: Any) -> torch.Tensor:
-        """Tokens (n, h, w); `shape=(h, w)` larger than the training shape samples with sliding windows."""
-        hw = tuple(shape) if shape is not None else tuple(self.latent_shape[-2:])
-        if len(hw) != 2 or hw[0] < self.latent_shape[-2] or hw[1] < self.latent_shape[-1]:
-            raise ValueError(f"shape must be (h, w) at least the training shape {tuple(self.latent_shape[-2:])}, got {shape}")
+        """Tokens (n, h, w); `shape=(h, w)` larger than the training shape samples with sliding windows.
+
+        Options as `sampler_options` declares (`sample` checks them; a direct caller passes valid ones)."""
+        hw = tuple(shape) if shape is not None else _training_hw(self)
         return self._sample_tokens(n, hw, cond, generator, ema, **kw)
 
     def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,

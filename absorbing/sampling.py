@@ -63,11 +63,13 @@ def sample(
 ) -> torch.Tensor:
     """Generate tokens (B, N); with `known` (B, N) bool the tokens of `x_init` there are kept (inpainting)."""
     b, n = shape
-    steps = steps or num_timesteps
+    steps = num_timesteps if steps is None else steps  # 0 is refused below, not taken for the default
     if order not in ("random", "confidence", "raster"):
         raise ValueError(f"order must be 'random', 'confidence' or 'raster', got {order!r}")
-    if not 1 <= steps <= (n if order == "raster" else num_timesteps):
-        raise ValueError(f"steps must be in 1..{num_timesteps} (the trained T), got {steps}")
+    most = n if order == "raster" else num_timesteps
+    if not 1 <= steps <= most:
+        raise ValueError(f"steps must be in 1..{most} ({'the tokens' if order == 'raster' else 'the trained T'}), "
+                         f"got {steps}")
     if device is None:
         device = next(iter(cond.values())).device if cond else torch.device("cpu")
     device = torch.device(device)

@@ -16,7 +16,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -219,17 +219,21 @@ def _without_ckpt_paths(node: Any) -> Any:
 
 
 def instantiate_from_checkpoint(
-    path: str | os.PathLike, config: Mapping[str, Any] | None = None, use_ema: bool = True
+    path: str | os.PathLike, config: Mapping[str, Any] | None = None, use_ema: bool = True,
+    check_class: Callable[[type], None] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model a checkpoint was trained with and load its weights, EMA copies included.
 
     A prior samples with its EMA copies by default (`prior.sample(..., use_ema=True)`). A first stage
     with an EMA gets the averaged weights loaded as its weights when `use_ema`. Training-only
-    `loss.*` modules (discriminator, perceptual net) may be absent on either side.
+    `loss.*` modules (discriminator, perceptual net) may be absent on either side. `check_class` sees
+    the model's class before anything is built (a script refusing a checkpoint of the wrong kind).
     """
-    from ldm.util import instantiate_from_config
+    from ldm.util import get_obj_from_str, instantiate_from_config
 
     config = dict(config) if config is not None else config_from_checkpoint(path)
+    if check_class is not None:
+        check_class(get_obj_from_str((config.get("model") or {}).get("target"), key="model.target"))
     model = instantiate_from_config(_without_ckpt_paths(config["model"]), key="model")
     state = load_state_dict(path)
     training_only = ("loss.", "first_stage_model.loss.")

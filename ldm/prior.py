@@ -6,12 +6,15 @@ A subclass builds its trained networks under the attribute names listed in `netw
 (`self.model` by default; ImageBART has one transformer per scale, a cascade one network per
 stage) and its corruption process, calls `self.finish_init(ckpt_path, ignore_keys)`, and
 implements `compute_loss`, `sample_latents`, `inpaint_latents` and, where defined, `nll_latents`.
-Those take `ema`: whether to run the averaged copies (`self.network(name, ema)`).
+Those take `ema`: whether to run the averaged copies (`self.network(name, ema)`). The keywords its
+samplers take are declared in `sampler_options` (`ldm.sampler_options`): `sample` and `inpaint` refuse
+anything else before any work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -24,6 +27,8 @@ from ldm.conditioning import ClassLabel, Cond, Conditioner, Unconditional
 from ldm.data.cache import first_stage_fingerprint
 from ldm.distributed import draw_local, gather_global, step_generator
 from ldm.ema import EMA
+from ldm.masks import check_mask
+from ldm.sampler_options import Mode, SamplerOptions
 from ldm.util import accepted_parameters, get_obj_from_str, instantiate_from_config
 
 # what a batch from a latent cache holds, by latent kind
@@ -50,6 +55,7 @@ class LatentPrior(pl.LightningModule):
 
     latent_kind: Literal["tokens", "continuous"] = "tokens"  # what the prior models
     network_names: tuple[str, ...] = ("model",)  # the trained networks; EMA copies at `<name>_ema`
+    sampler_options: SamplerOptions = SamplerOptions()  # what `sample` / `inpaint` accept (none by default)
 
     def __init__(
         self,
@@ -134,6 +140,10 @@ class LatentPrior(pl.LightningModule):
                 if ema is not None and not any(k.startswith(f"{name}_ema.") for k in state):
                     ema.reset_to(getattr(self, name))
             self.sync_ema_buffers()
+        try:  # the config's sampling settings fail now, not at the first logged image
+            self.check_sampler_options(self.log_sample_kwargs)
+        except ValueError as e:
+            raise ValueError(f"log_sample_kwargs: {e}") from None
 
     def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook: map an original repository's key layout onto this prior's (identity by default)."""
@@ -277,48 +287,58 @@ class LatentPrior(pl.LightningModule):
     def null_cond(self, n: int) -> Cond:
         return self.conditioner.null(n, self.device)
 
+    def check_sampler_options(self, options: Mapping[str, Any], mode: Mode = "sample") -> dict[str, Any]:
+        """`options` normalised against `sampler_options`; a ValueError names the first bad one.
+
+        Scripts call it on their settings before any work (an evaluation sweep, a benchmark).
+        """
+        return self.sampler_options.check(self, options, mode)
+
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None, use_ema: bool = True,
-               **sampler_kw: Any) -> torch.Tensor:
-        """`n` images in [-1, 1], (n, C, H, W); `cond` as the conditioner describes (e.g. class labels)."""
+               callback: Callable[[dict[str, Any]], None] | None = None, **sampler_kw: Any) -> torch.Tensor:
+        """`n` images in [-1, 1], (n, C, H, W); `cond` as the conditioner describes (e.g. class labels);
+        `sampler_kw` as `sampler_options` declares; `callback` gets a dict after every step."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise ValueError(f"n must be an integer, got {n!r}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        latents = self.sample_latents(n, self.user_cond(cond, n), generator, ema=use_ema, **sampler_kw)
+        options = self.check_sampler_options(sampler_kw)
+        latents = self.sample_latents(n, self.user_cond(cond, n), generator, ema=use_ema, callback=callback, **options)
         return self.decode(latents)
 
     def latent_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Pixel mask (B, 1, H, W) or (B, H, W), 1 = keep, to a latent mask (B, h, w) bool.
+        """Pixel mask (B, 1, H, W) or (B, H, W), 1 = keep (see `ldm.masks`), to a latent mask (B, h, w) bool.
 
-        A latent cell is known only if every pixel it covers is known.
+        A latent cell is known only if every pixel it covers is known (mask > 0.5).
         """
-        if mask.dim() == 3:
-            mask = mask[:, None]
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != images.shape[0] or mask.shape[2:] != images.shape[2:]:
-            raise ValueError(f"mask must be (B, 1, H, W) or (B, H, W) matching images {tuple(images.shape)}, "
-                             f"got {tuple(mask.shape)}")
+        mask = check_mask(mask, images)
         h, w = self.latent_shape[-2:]
         fh, fw = images.shape[2] // h, images.shape[3] // w
-        known = -F.max_pool2d(-mask.float(), kernel_size=(fh, fw), stride=(fh, fw))  # min pooling
+        known = -F.max_pool2d(-mask, kernel_size=(fh, fw), stride=(fh, fw))  # min pooling
         return known[:, 0] > 0.5  # (B, h, w)
 
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, cond: Any = None,
                 generator: torch.Generator | None = None, use_ema: bool = True, paste: bool = True,
-                **sampler_kw: Any) -> torch.Tensor:
+                callback: Callable[[dict[str, Any]], None] | None = None, **sampler_kw: Any) -> torch.Tensor:
         """Fill the unknown region (mask 0) of `images` (B, C, H, W) in [-1, 1]; known latents never change.
 
-        With `paste`, known pixels are copied from the input into the decoded result.
+        `mask` as `ldm.masks.check_mask` takes it. With `paste`, known pixels are copied from the input
+        into the decoded result (blended by a float mask's weights).
         """
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+        options = self.check_sampler_options(sampler_kw, mode="inpaint")
         images = images.to(self.device)
-        mask = mask.to(self.device)
+        mask = check_mask(torch.as_tensor(mask).to(self.device), images)  # (B, 1, H, W) float
         known = self.latent_mask(mask, images)
         latents = self.encode(images)
         out = self.inpaint_latents(latents, known, self.user_cond(cond, images.shape[0]), generator,
-                                   ema=use_ema, **sampler_kw)
+                                   ema=use_ema, callback=callback, **options)
         decoded = self.decode(out)
         if paste:
-            m = mask if mask.dim() == 4 else mask[:, None]
-            decoded = m * images + (1 - m) * decoded
+            decoded = mask * images + (1 - mask) * decoded
         return decoded
 
     @torch.no_grad()

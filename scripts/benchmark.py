@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import run  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.cli import at_least, needs, run  # noqa: E402
+from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -51,16 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats)):
+        at_least(flag, value)
+    at_least("--threads", args.threads, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    is_prior = needs("prior", "benchmark.py")
     if args.resume:
-        prior, _ = instantiate_from_checkpoint(args.resume)
+        prior, _ = instantiate_from_checkpoint(args.resume, check_class=is_prior)
     else:
         cfg = OmegaConf.to_container(OmegaConf.load(args.config).model, resolve=True)
+        is_prior(get_obj_from_str(cfg.get("target"), key="model.target"))
         prior = instantiate_from_config(_without_ckpt_paths(cfg), key="model").eval()
     if not hasattr(prior, "sampling_forward"):
         raise SystemExit(f"{type(prior).__name__} does not offer sampling_forward(), the network call one "
                          "sampling step makes; it cannot be benchmarked")
+    for flag, option, value in (("--steps", "steps", args.steps), ("--guidance", "guidance_scale", args.guidance)):
+        try:
+            prior.check_sampler_options({option: value})
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
     n, steps = args.batch, args.steps
     cond = (torch.arange(n) % prior.num_classes).to(prior.device) if prior.num_classes else None
     # both sides run the networks sampling uses (the EMA copies; nothing is swapped)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import run  # noqa: E402
+from ldm.cli import at_least, needs, output_path, run  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, load_classifier  # noqa: E402
 from ldm.metrics.eval_data import image_split  # noqa: E402
 from ldm.metrics.first_stage_eval import evaluate_first_stage  # noqa: E402
@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    at_least("--limit", args.limit)
+    at_least("--batch-size", args.batch_size)
+    out = output_path(args.out or Path(args.resume).with_suffix(f".{args.split}.json"), (".json",))
     config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True) if args.config else None
-    model, config = instantiate_from_checkpoint(args.resume, config)
+    model, config = instantiate_from_checkpoint(args.resume, config, check_class=needs("first stage", "eval_first_stage.py"))
     try:
         dataset, _ = image_split(config, args.split)
     except ValueError as e:
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no classifier at {args.classifier}: rFD_fmnist skipped (train it with scripts/train_classifier.py)")
     metrics = evaluate_first_stage(model, dataset, classifier, args.batch_size, args.limit)
     metrics.update(checkpoint=str(args.resume), split=args.split)
-    out = Path(args.out) if args.out else Path(args.resume).with_suffix(f".{args.split}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}")

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import run  # noqa: E402
+from ldm.cli import at_least, needs, output_path, run  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, classifier_outputs, load_classifier  # noqa: E402
 from ldm.metrics.eval_data import image_split  # noqa: E402
 from ldm.metrics.frechet import feature_statistics  # noqa: E402
@@ -42,11 +42,35 @@ from ldm.util import instantiate_from_config  # noqa: E402
 def parse_sweep(items: list[str]) -> dict[str, list]:
     out = {}
     for item in items:
-        if "=" not in item:
+        k, _, v = item.partition("=")
+        if not k or not v or "" in v.split(","):
             raise SystemExit(f"--sweep entries look like name=v1,v2; got {item!r}")
-        k, v = item.split("=", 1)
         out[k] = [yaml.safe_load(x) for x in v.split(",")]
     return out
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts that mean something, and a run that has something to do."""
+    at_least("-n", args.num_samples, 0)
+    at_least("--batch-size", args.batch_size)
+    at_least("--elbo-limit", args.elbo_limit, 0)
+    at_least("--elbo-strata", args.elbo_strata)
+    at_least("--test-limit", args.test_limit)
+    if not args.num_samples and not args.elbo_limit:
+        raise ValueError("nothing to evaluate: -n 0 skips the samples and --elbo-limit 0 the ELBO")
+    if args.sweep and not args.num_samples:
+        raise ValueError("--sweep needs samples, but -n is 0")
+    if args.elbo_strata is not None and not args.elbo_limit:
+        raise ValueError("--elbo-strata needs --elbo-limit >= 1 (without it the ELBO is skipped)")
+
+
+def result_path(args: argparse.Namespace) -> Path:
+    """The JSON file (and the Markdown table beside it), checked writable before any work."""
+    out = Path(args.out) if args.out else Path(args.resume).with_suffix(".eval.json")
+    if out.suffix != ".json":  # the Markdown table goes beside it as <name>.md
+        out = out.with_name(out.name + ".json")
+    output_path(out.with_suffix(".md"), (".md",))
+    return output_path(out, (".json",))
 
 
 @torch.no_grad()
@@ -84,10 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prior, config = instantiate_from_checkpoint(args.resume)
-    out = Path(args.out) if args.out else Path(args.resume).with_suffix(".eval.json")
-    if out.suffix != ".json":  # the Markdown table goes beside it as <name>.md
-        out = out.with_name(out.name + ".json")
+    check_counts(args)
+    settings = sweep(parse_sweep(args.sweep)) or [{}]
+    out = result_path(args)
+    prior, config = instantiate_from_checkpoint(args.resume, check_class=needs("prior", "evaluate.py"))
+    for setting in settings:  # every row's settings, before the first row is computed
+        prior.check_sampler_options(setting)
+    splits = [k for k, v in ((config.get("data") or {}).get("params") or {}).items() if isinstance(v, dict)]
+    if args.elbo_limit and args.elbo_split not in splits:
+        raise SystemExit(f"--elbo-split: the stored config has no data.params.{args.elbo_split}; choose a split "
+                         f"it has ({', '.join(splits) or 'none'})")
+    if args.num_samples:
+        classifier = load_classifier(args.classifier)
+        try:
+            reference, source = image_split(config, args.eval_split)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     def prior_precision():
         """Autocast for prior calls only; the classifier switches it off for itself in any case."""
@@ -105,18 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ELBO: {result['elbo_bits_per_dim']:.4f} bits per dimension", flush=True)
         out.write_text(json.dumps(result, indent=2))
     if args.num_samples:
-        classifier = load_classifier(args.classifier)
-        try:
-            reference, source = image_split(config, args.eval_split)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
         result.update(eval_split=args.eval_split, reference_images=source)
         ref_stats = feature_statistics(classifier_outputs(classifier, dataset_images(reference, args.test_limit))[0])
         with prior_precision():
             images, labels = reconstruct(prior, reference, args.num_samples)
         result["first_stage_reconstructions"] = sample_scores(images, labels, classifier, ref_stats)
         print("first-stage reconstructions:", result["first_stage_reconstructions"], flush=True)
-        for setting in sweep(parse_sweep(args.sweep)) or [{}]:
+        for setting in settings:
             t0 = time.time()
             with prior_precision():
                 images, labels = generate(prior, args.num_samples, prior.num_classes, args.batch_size, args.seed,

@@ -2,8 +2,10 @@
 
     python scripts/sample.py -r logs/<prior run>/checkpoints/last.ckpt --per-class 8 --steps 32 --guidance_scale 2
     python scripts/sample.py -r logs/<prior run>/checkpoints/last.ckpt -n 16 steps=32 temperature=0.9 shape=[12,12]
+    python scripts/sample.py -r logs/<prior run>/checkpoints/last.ckpt --list-options
 
-Sampler options of the prior follow as `key=value`, `--key value` or `--key=value` (values parsed as YAML).
+Sampler options of the prior follow as `key=value`, `--key value` or `--key=value` (values parsed as YAML);
+`--list-options` prints the ones the checkpoint's prior declares, with their ranges and defaults.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import run  # noqa: E402
+from ldm.cli import at_least, needs, output_path, run  # noqa: E402
+from ldm.sampler_options import describe  # noqa: E402
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config to build the prior from, for a checkpoint that carries none")
     p.add_argument("-n", "--num", type=int, default=16, help="samples (unconditional, or with --cond)")
     p.add_argument("--cond", type=int, default=None, help="one class label for every sample")
-    p.add_argument("--per-class", type=int, default=0, help="a row of this many samples per class")
+    p.add_argument("--per-class", type=int, default=None, help="a row of this many samples per class (instead of -n)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the trained instead of the EMA weights")
-    p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")
+    p.add_argument("--out", default=None, help="PNG (or JPEG) path (default: next to the checkpoint)")
+    p.add_argument("--list-options", action="store_true", help="print the prior's sampler options and stop")
     return p
 
 
@@ -69,11 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    at_least("-n", args.num)
+    at_least("--per-class", args.per_class)
+    if not args.list_options:
+        out = output_path(args.out or Path(args.resume).with_name(f"samples_seed{args.seed}.png"), IMAGE_SUFFIXES)
     config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True) if args.config else None
-    prior, _ = instantiate_from_checkpoint(args.resume, config)
+    prior, _ = instantiate_from_checkpoint(args.resume, config, check_class=needs("prior", "sample.py"))
+    if args.list_options:
+        print(describe(prior.sampler_options.resolve(prior)))
+        return 0
+    options = prior.check_sampler_options(args.sampler_kw)
+    k = prior.num_classes
+    if (args.per_class or args.cond is not None) and not k:
+        raise SystemExit(f"{'--per-class' if args.per_class else '--cond'} needs a class-conditional prior")
+    if args.cond is not None and not 0 <= args.cond <= k:
+        raise ValueError(f"--cond must be a class label in 0..{k - 1} (or {k}, the null class), got {args.cond}")
     if args.per_class:
-        if not prior.num_classes:
-            raise SystemExit("--per-class needs a class-conditional prior")
         cond = torch.arange(prior.num_classes).repeat_interleave(args.per_class)
         nrow = args.per_class
     else:
@@ -87,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
 
     images = prior.sample(n, cond=cond, generator=torch.Generator().manual_seed(args.seed), use_ema=not args.no_ema,
-                          callback=progress, **args.sampler_kw)
+                          callback=progress, **options)
     bar.close()
-    out = Path(args.out) if args.out else Path(args.resume).with_name(f"samples_seed{args.seed}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image((torchvision.utils.make_grid(images, nrow=nrow) + 1) / 2, out)
     print(f"wrote {out} ({n} samples)")
     return 0

@@ -7,6 +7,7 @@ labels, a valid `cond` to `valid_cond`.
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 
 import pytest
@@ -186,8 +187,21 @@ def test_inpainting_keeps_the_known_region(prior):
 def test_bad_mask_shape_is_clear(prior):
     model, _, _ = prior
     images = fake_batch(model, 2)["image"]
-    with pytest.raises(ValueError, match=r"mask must be \(B, 1, H, W\) or \(B, H, W\) matching images"):
+    c, h, w = image_shape(model)
+    with pytest.raises(ValueError, match=re.escape(f"mask must have shape (B, 1, H, W) = (2, 1, {h}, {w}) or (B, H, W) = "
+                                                   f"(2, {h}, {w}) to match the images (2, {c}, {h}, {w}), got (2, 1, 5, 5)")):
         model.inpaint(images, torch.ones(2, 1, 5, 5))
+    with pytest.raises(ValueError, match=re.escape("mask values must be in {0, 1} (bool or integers) or [0, 1] "
+                                                   "(floats), 1 = keep, got uint8 values in [0, 255]")):
+        model.inpaint(images, (torch.rand(2, h, w) > 0.5).to(torch.uint8) * 255)
+
+
+def test_unknown_sampler_option_is_refused_naming_the_valid_ones(prior):
+    model, _, _ = prior
+    valid = ", ".join(model.sampler_options.names("sample")) or "none"
+    with pytest.raises(ValueError, match=re.escape(f"{type(model).__name__}.sample has no option 'no_such_option'")
+                       + ".*" + re.escape(f"valid options: {valid}")):
+        model.sample(1, no_such_option=1)
 
 
 def test_nll_is_finite_bits(prior):

@@ -1,0 +1,214 @@
+"""The scripts refuse bad arguments before any work, through `ldm.cli.run` (one `error:` line, status 2),
+and write nothing; the same scripts still run on valid arguments. Checkpoints are tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.cli import output_path, run
+from ldm.util import instantiate_from_config
+from tests.test_scripts import load
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "test"
+TOY_SPLIT = {"target": "tests.toy.ToyImages", "params": {"n": 4, "size": 16}}  # no data set needed
+
+
+def save_checkpoint(config_name: str, path: Path, **overrides) -> str:
+    """A checkpoint as main.py writes one (weights and resolved config), of a randomly initialised model."""
+    cfg = OmegaConf.load(CONFIGS / config_name)
+    OmegaConf.update(cfg, "data.params.validation", TOY_SPLIT, merge=False)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model = instantiate_from_config(config["model"], key="model")
+    torch.save({"state_dict": model.state_dict(), "config": config}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"prior": save_checkpoint("absorbing.yaml", root / "prior.ckpt"),
+            "unconditional": save_checkpoint("absorbing.yaml", root / "unconditional.ckpt",
+                                             **{"model.params.num_classes": None}),
+            "first_stage": save_checkpoint("first_stage_vq.yaml", root / "vq.ckpt")}
+
+
+def refused(script: str, argv: list[str], out_dir: Path, capsys) -> str:
+    """The script's error message; it must exit 2 through run() and leave `out_dir` empty."""
+    capsys.readouterr()
+    before = sorted(out_dir.rglob("*"))
+    assert run(lambda: load(script).main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(out_dir.rglob("*")) == before, "a refused run wrote something"
+    return err[len("error: "):].rstrip("\n")
+
+
+# --- sample.py ----------------------------------------------------------------------------------------
+SAMPLE_BAD = [
+    (["-n", "0"], "-n must be >= 1, got 0"),
+    (["--per-class", "0"], "--per-class must be >= 1, got 0"),
+    (["steps=0"], "steps must be an integer in 1..16 or None, got 0"),
+    (["--temperature", "-1"], "temperature must be a number >= 0, got -1"),
+    (["guidance_scale=-2"], "guidance_scale must be a number >= 0, got -2"),
+    (["top_p=0"], "top_p must be a number in (0, 1] or None, got 0"),
+    (["--order=spiral"], "order must be one of random, confidence, raster, got 'spiral'"),
+    (["stpes=4"], "AbsorbingPrior.sample has no option 'stpes' (did you mean 'steps'?); valid options: order, shape, "
+                  "steps, temperature, top_k, top_p, guidance_scale, stride"),
+    (["--cond", "12"], "--cond must be a class label in 0..9 (or 10, the null class), got 12"),
+]
+
+
+@pytest.mark.parametrize("argv,message", SAMPLE_BAD, ids=[" ".join(a) for a, _ in SAMPLE_BAD])
+def test_sample_refuses(argv, message, ckpts, tmp_path, capsys):
+    msg = refused("sample", ["-r", ckpts["prior"], "--out", str(tmp_path / "grid.png"), *argv], tmp_path, capsys)
+    assert msg == message
+
+
+def test_sample_refuses_an_output_it_could_not_write(ckpts, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    args = ["-r", ckpts["prior"], "-n", "1", "steps=1", "--out"]
+    assert refused("sample", [*args, str(tmp_path / "grid.txt")], tmp_path, capsys) == \
+        f"--out must end in .png or .jpg or .jpeg, got {tmp_path / 'grid.txt'}"
+    assert refused("sample", [*args, str(tmp_path / "grid")], tmp_path, capsys) == \
+        f"--out must end in .png or .jpg or .jpeg, got {tmp_path / 'grid'}"
+    assert refused("sample", [*args, str(tmp_path / "folder.png")], tmp_path, capsys) == \
+        f"--out {tmp_path / 'folder.png'} is a folder; give a file name ending in .png or .jpg or .jpeg"
+    assert refused("sample", [*args, str(tmp_path / "file" / "sub" / "grid.png")], tmp_path, capsys) == \
+        f"--out {tmp_path / 'file' / 'sub' / 'grid.png'} cannot be written: {tmp_path / 'file'} is a file, not a folder"
+
+
+def test_sample_refuses_a_checkpoint_of_another_kind(ckpts, tmp_path, capsys):
+    assert refused("sample", ["-r", ckpts["first_stage"], "--out", str(tmp_path / "g.png")], tmp_path, capsys) == \
+        "this is a first-stage checkpoint (ldm.first_stage.models.VQModel); sample.py needs a prior"
+    assert refused("sample", ["-r", ckpts["unconditional"], "--per-class", "2", "--out", str(tmp_path / "g.png")],
+                   tmp_path, capsys) == "--per-class needs a class-conditional prior"
+    assert refused("sample", ["-r", ckpts["unconditional"], "--cond", "1", "--out", str(tmp_path / "g.png")],
+                   tmp_path, capsys) == "--cond needs a class-conditional prior"
+    assert refused("sample", ["-r", ckpts["unconditional"], "guidance_scale=2", "--out", str(tmp_path / "g.png")],
+                   tmp_path, capsys) == "guidance_scale must be 1 for an unconditional prior, got 2"
+
+
+def test_sample_writes_a_grid_and_lists_its_options(ckpts, tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "grid.png"  # missing folders are created, after sampling
+    assert run(lambda: load("sample").main(["-r", ckpts["prior"], "--per-class", "1", "steps=2", "temperature=0.5",
+                                             "--shape", "[8, 10]", "--out", str(out)])) == 0
+    assert out.stat().st_size > 0
+    capsys.readouterr()
+    assert run(lambda: load("sample").main(["-r", ckpts["prior"], "--list-options"])) == 0
+    listed = capsys.readouterr().out
+    assert "steps: an integer in 1..16 or None; default 4" in listed
+    assert "guidance_scale: a number >= 0; default 1" in listed
+
+
+# --- evaluate.py --------------------------------------------------------------------------------------
+EVALUATE_BAD = [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["-n", "-1"], "-n must be >= 0, got -1"),
+    (["-n", "0"], "nothing to evaluate: -n 0 skips the samples and --elbo-limit 0 the ELBO"),
+    (["-n", "0", "--elbo-limit", "2", "--sweep", "steps=2"], "--sweep needs samples, but -n is 0"),
+    (["-n", "0", "--elbo-limit", "2", "--elbo-strata", "0"], "--elbo-strata must be >= 1, got 0"),
+    (["--elbo-strata", "2"], "--elbo-strata needs --elbo-limit >= 1 (without it the ELBO is skipped)"),
+    (["--test-limit", "0"], "--test-limit must be >= 1, got 0"),
+    (["--sweep", "steps=0"], "steps must be an integer in 1..16 or None, got 0"),
+    (["--sweep", "steps=4,0", "temperature=1"], "steps must be an integer in 1..16 or None, got 0"),
+    (["--sweep", "temperature=1,-1"], "temperature must be a number >= 0, got -1"),
+    (["--sweep", "guidance_scale=-1"], "guidance_scale must be a number >= 0, got -1"),
+    (["--sweep", "steps="], "--sweep entries look like name=v1,v2; got 'steps='"),
+    (["-n", "0", "--elbo-limit", "2", "--elbo-split", "test"],
+     "--elbo-split: the stored config has no data.params.test; choose a split it has (train, validation)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", EVALUATE_BAD, ids=[" ".join(a) for a, _ in EVALUATE_BAD])
+def test_evaluate_refuses(argv, message, ckpts, tmp_path, capsys):
+    msg = refused("evaluate", ["-r", ckpts["prior"], "--out", str(tmp_path / "eval.json"), *argv], tmp_path, capsys)
+    assert msg == message
+
+
+def test_evaluate_refuses_a_first_stage_and_a_folder(ckpts, tmp_path, capsys):
+    assert refused("evaluate", ["-r", ckpts["first_stage"], "--out", str(tmp_path / "e.json")], tmp_path, capsys) == \
+        "this is a first-stage checkpoint (ldm.first_stage.models.VQModel); evaluate.py needs a prior"
+    (tmp_path / "e.json").mkdir()
+    assert refused("evaluate", ["-r", ckpts["prior"], "--out", str(tmp_path / "e.json")], tmp_path, capsys) == \
+        f"--out {tmp_path / 'e.json'} is a folder; give a file name ending in .json"
+
+
+def test_evaluate_scores_the_elbo(ckpts, tmp_path):
+    out = tmp_path / "sub" / "eval"  # gets its .json suffix; the folder is created
+    assert run(lambda: load("evaluate").main(["-r", ckpts["prior"], "-n", "0", "--elbo-limit", "2", "--elbo-strata", "2",
+                                              "--elbo-split", "validation", "--out", str(out)])) == 0
+    result = json.loads((tmp_path / "sub" / "eval.json").read_text())
+    assert result["elbo_items"] == 2 and result["elbo_strata"] == 2 and result["elbo_bits_per_dim"] > 0
+
+
+# --- benchmark.py -------------------------------------------------------------------------------------
+BENCHMARK_BAD = [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--steps", "17"], "--steps: steps must be an integer in 1..16 or None, got 17"),
+    (["--steps", "2", "--guidance", "-1"], "--guidance: guidance_scale must be a number >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BENCHMARK_BAD, ids=[" ".join(a) for a, _ in BENCHMARK_BAD])
+def test_benchmark_refuses(argv, message, ckpts, tmp_path, capsys):
+    assert refused("benchmark", ["-r", ckpts["prior"], *argv], tmp_path, capsys) == message
+
+
+def test_benchmark_refuses_a_first_stage(ckpts, tmp_path, capsys):
+    assert refused("benchmark", ["-r", ckpts["first_stage"]], tmp_path, capsys) == \
+        "this is a first-stage checkpoint (ldm.first_stage.models.VQModel); benchmark.py needs a prior"
+    assert refused("benchmark", ["--config", str(CONFIGS / "first_stage_vq.yaml")], tmp_path, capsys) == \
+        "this is a first-stage checkpoint (ldm.first_stage.models.VQModel); benchmark.py needs a prior"
+
+
+def test_benchmark_runs(ckpts, capsys):
+    assert run(lambda: load("benchmark").main(["-r", ckpts["prior"], "--batch", "2", "--steps", "2",
+                                               "--repeats", "1", "--guidance", "2"])) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["steps"] == 2
+
+
+# --- eval_first_stage.py ------------------------------------------------------------------------------
+def test_eval_first_stage_refuses(ckpts, tmp_path, capsys):
+    vq = ["-r", ckpts["first_stage"], "--split", "validation", "--classifier", ""]
+    assert refused("eval_first_stage", ["-r", ckpts["prior"], "--out", str(tmp_path / "m.json")], tmp_path, capsys) == \
+        "this is a prior checkpoint (absorbing.model.AbsorbingPrior); eval_first_stage.py needs a first stage"
+    assert refused("eval_first_stage", [*vq, "--batch-size", "0"], tmp_path, capsys) == "--batch-size must be >= 1, got 0"
+    assert refused("eval_first_stage", [*vq, "--limit", "0"], tmp_path, capsys) == "--limit must be >= 1, got 0"
+    assert refused("eval_first_stage", [*vq, "--out", str(tmp_path / "m.png")], tmp_path, capsys) == \
+        f"--out must end in .json, got {tmp_path / 'm.png'}"
+
+
+def test_eval_first_stage_runs(ckpts, tmp_path):
+    out = tmp_path / "m.json"
+    assert run(lambda: load("eval_first_stage").main(["-r", ckpts["first_stage"], "--split", "validation",
+                                                      "--classifier", "", "--out", str(out)])) == 0
+    assert "psnr" in {k.lower() for k in json.loads(out.read_text())}
+
+
+# --- ldm.cli ------------------------------------------------------------------------------------------
+def test_run_reports_a_message_exit_and_passes_on_a_status(capsys):
+    def stop(code):
+        raise SystemExit(code)
+
+    assert run(lambda: stop("--per-class needs a class-conditional prior")) == 2
+    assert capsys.readouterr().err == "error: --per-class needs a class-conditional prior\n"
+    with pytest.raises(SystemExit) as e:  # argparse's own exit (it has printed its message) and --help
+        run(lambda: stop(0))
+    assert e.value.code == 0
+
+
+def test_output_path_accepts_a_new_folder(tmp_path):
+    assert output_path(tmp_path / "a" / "b" / "x.JSON", (".json",)) == tmp_path / "a" / "b" / "x.JSON"
+    assert not (tmp_path / "a").exists()  # checking creates nothing
