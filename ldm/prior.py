@@ -360,6 +360,8 @@ class LatentPrior(pl.LightningModule):
                 ema.update(getattr(self, name))
 
     def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
+        if batch is None:  # every image of the batch was skipped (ldm.data.skipped)
+            return
         g = step_generator(0, batch_idx, device=self.device)  # the same draws at every validation
         loss, logs = self.compute_loss(self.get_latents(batch, generator=g), self.get_cond(batch), generator=g, ema=True)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
