@@ -103,7 +103,7 @@ class LatentPrior(pl.LightningModule):
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         else:
             self.scale_factor = float(scale_factor)
-        self._scale_restored = False
+        self._scale_known = False  # restored from a checkpoint or estimated
 
     # --- construction -------------------------------------------------------------------------
     @staticmethod
@@ -334,11 +334,13 @@ class LatentPrior(pl.LightningModule):
         return step_generator(torch.initial_seed(), self.current_epoch, batch_idx, device=self.device)
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._scale_restored:
+        # the first batch Lightning runs, not batch_idx 0: a batch of unreadable images only is None and passed over
+        if self.scale_by_std and self.global_step == 0 and not self._scale_known:
             self.estimate_scale(batch)
+            self._scale_known = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._scale_restored = True
+        self._scale_known = True
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         g = self.training_generator(batch_idx)
