@@ -169,3 +169,22 @@ def test_training_through_the_data_module_passes_over_bad_files(tmp_path):
     trainer.fit(model, data)
     assert trainer.global_step == good  # one step per good file; the 4 bad ones are passed over
     assert data.datasets["train"].skip_report() == {"truncated": 1, "unreadable": 2, "too_large": 1}
+
+
+def test_evaluation_leaves_unreadable_images_out(tmp_path):
+    from ldm.first_stage.models import VQModel
+    from ldm.metrics.eval_data import image_split
+    from ldm.metrics.first_stage_eval import evaluate_first_stage
+    from ldm.metrics.prior_eval import dataset_images
+
+    good = make_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "0_first.jpg").write_bytes(b"")  # the first file, which image_split looks at
+    images = {"target": "ldm.data.image_folder.ImageFolder",
+              "params": {"root": str(tmp_path / "imgs"), "size": 16, "max_pixels": 200 * 200}}
+    ds, _ = image_split({"data": {"params": {"test": images}}})
+    assert len(dataset_images(ds, batch_size=3)) == good
+    dd = {"double_z": False, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    model = VQModel(dd, {"target": "torch.nn.Identity"}, n_embed=8, embed_dim=4)
+    assert evaluate_first_stage(model, ds, batch_size=1, progress=False)["images"] == good
+    assert ds.skip_report() == {"truncated": 1, "unreadable": 3, "too_large": 1}
