@@ -236,6 +236,8 @@ class ImageLogger(pl.Callback):
         return paths
 
     def log_img(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int, split: str) -> None:
+        if batch is None:  # every image of the batch was skipped (ldm.data.skipped)
+            return
         if not hasattr(pl_module, "log_images") or not callable(pl_module.log_images) or self.max_images <= 0:
             return
         was_training = pl_module.training
@@ -265,6 +267,7 @@ class ImageLogger(pl.Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self.disabled and not self.logged_val and not trainer.sanity_checking and pl_module.global_step > 0:
+        if (not self.disabled and not self.logged_val and batch is not None and not trainer.sanity_checking
+                and pl_module.global_step > 0):
             self.logged_val = True
             self.log_img(pl_module, batch, batch_idx, split="val")

@@ -109,7 +109,7 @@ class LatentPrior(pl.LightningModule):
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         else:
             self.scale_factor = float(scale_factor)
-        self._scale_restored = False
+        self._scale_known = False  # restored from a checkpoint or estimated
 
     # --- construction -------------------------------------------------------------------------
     @staticmethod
@@ -356,11 +356,13 @@ class LatentPrior(pl.LightningModule):
                               device=self.device)
 
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._scale_restored:
+        # the first batch Lightning runs, not batch_idx 0: a batch of unreadable images only is None and passed over
+        if self.scale_by_std and self.global_step == 0 and not self._scale_known:
             self.estimate_scale(batch)
+            self._scale_known = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._scale_restored = True
+        self._scale_known = True
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         g = self.training_generator(batch_idx)
@@ -382,6 +384,8 @@ class LatentPrior(pl.LightningModule):
                 ema.update(getattr(self, name))
 
     def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, split: str) -> None:
+        if batch is None:  # every image of the batch was skipped (ldm.data.skipped)
+            return
         g = step_generator(0, batch_idx, device=self.device)  # the same draws at every validation
         loss, logs = self.compute_loss(self.get_latents(batch, generator=g), self.get_cond(batch), generator=g, ema=True)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)

@@ -6,7 +6,9 @@
 
 `--kind` picks what the prior will model: `tokens` (VQ only) or `continuous` (the VQ pre-quantisation
 latent, or the KL posterior's mean and log-variance); the default is the first stage's own kind.
-Safe to interrupt and rerun: finished shards are kept and the build continues after them.
+Safe to interrupt and rerun: finished shards are kept and the build continues after them. A folder
+that holds anything else (another split, data config, first stage or kind, or files that are not a
+cache) is refused and left as it is. Unreadable images are left out and listed at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.cli import run  # noqa: E402
 from ldm.data.cache import cache_split  # noqa: E402
+from ldm.data.cache_meta import read_meta, summary  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,16 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent kind to cache (default: the first stage's default)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes that read the images")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = cache_split(args.resume, args.split, args.out, args.batch_size, device=args.device, kind=args.kind)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    print(f"cache ready: {out}")
+    out = cache_split(args.resume, args.split, args.out, args.batch_size, device=args.device, kind=args.kind,
+                      num_workers=args.num_workers)
+    print(f"cache ready: {out}: {summary(read_meta(out))}")
     return 0
 
 

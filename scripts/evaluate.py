@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, needs, output_path, run  # noqa: E402
+from ldm.data.skipped import collate_good  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, classifier_outputs, load_classifier  # noqa: E402
 from ldm.metrics.eval_data import image_split  # noqa: E402
 from ldm.metrics.frechet import feature_statistics  # noqa: E402
@@ -79,7 +80,10 @@ def reconstruct(prior: Any, dataset: Dataset, n: int, batch_size: int = 250
     """First-stage reconstructions (float32, on the CPU) of the first `n` images, and their labels if any:
     what a perfect prior would reach. Only prior calls happen here, so autocast may wrap it."""
     images, labels = [], []
-    for batch in DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size):
+    for batch in DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size,
+                            collate_fn=collate_good):  # unreadable images left out
+        if batch is None:
+            continue
         images.append(prior.decode(prior.encode(batch["image"].to(prior.device))).float().cpu())
         if "class_label" in batch:
             labels.append(torch.as_tensor(batch["class_label"]).long())

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.conditioning import ClassLabel, Combined, ConcatImage, Text, Unconditional, cat_cond
+from ldm.data.skipped import Skipped, collate_good
 from ldm.prior import LatentPrior
 from ldm.util import instantiate_from_config
 
@@ -111,6 +112,24 @@ def test_scale_by_std_is_estimated_once_and_kept_in_the_checkpoint(tmp_path):
     resumed = TwoNetGaussianPrior(cfg, scale_by_std=True)
     fit(resumed, tmp_path, steps=3, ckpt_path=str(path))  # a resumed run keeps the estimate
     assert torch.equal(resumed.scale_factor, prior.scale_factor)
+
+
+class FirstBatchUnreadable(Images):
+    def __getitem__(self, i):
+        return Skipped("unreadable", f"image {i}") if i < 4 else super().__getitem__(i)
+
+
+def test_scale_by_std_is_estimated_on_the_first_batch_with_images(tmp_path):
+    """A batch of unreadable images only is None, which Lightning passes over without the batch hooks."""
+    prior = TwoNetGaussianPrior(first_stage_config("first_stage_kl.yaml"), scale_by_std=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         limit_val_batches=0, default_root_dir=str(tmp_path), enable_checkpointing=False)
+    trainer.fit(prior, DataLoader(FirstBatchUnreadable(), batch_size=4, collate_fn=collate_good))
+    images = torch.stack([Images()[i]["image"] for i in range(4, 8)])  # the second batch
+    enc = prior.first_stage_model.encode_for_prior(images)
+    z = enc["posterior_mean"] + torch.exp(0.5 * enc["posterior_logvar"]) * torch.randn(
+        enc["posterior_mean"].shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prior.scale_factor, 1.0 / z.flatten().std(correction=0), rtol=1e-4, atol=0)
 
 
 def test_each_network_has_its_own_ema_copy(tmp_path):

@@ -3,28 +3,39 @@
 A cache folder holds `shard-00000.safetensors`, ... with exactly what the first stage's
 `encode_for_prior(x, kind)` returns (tokens `(N, h, w)` int16/int32; `latent` `(N, C, h, w)`;
 `posterior_mean` / `posterior_logvar` `(N, C, h, w)` float32), plus `class_label` (N,) and `index`
-(N,) dataset indices, and `meta.json` recording the first stage, the latent kind and the stored keys.
-Shards are written to a temporary name and renamed, so an interrupted build resumes at the first
-missing shard.
+(N,) dataset indices, and `meta.json` (`ldm.data.cache_meta`) recording the split, the data config,
+the first stage and the latent kind. Items the data set skips (unreadable images) are left out, never
+replaced: `index` stays true, and each shard's safetensors metadata lists its skipped items, which
+`meta.json` sums up. Shards are written to a temporary name and renamed, so an interrupted build
+resumes at the first missing shard.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from ldm.checkpoint import file_sha256
+from ldm.data.cache_meta import (
+    FORMAT,
+    META,
+    check_build_target,
+    describe_kind,
+    plain,
+    skip_record,
+    write_meta,
+)
+from ldm.data.skipped import as_skipped, is_skipped
 
-META = "meta.json"
 BOOKKEEPING = ("class_label", "index")  # stored beside the latents in every shard
 
 
@@ -52,10 +63,6 @@ def _token_dtype(n_embed: int) -> torch.dtype:
     return torch.int16 if n_embed <= 32767 else torch.int32
 
 
-def _describe(kind: str) -> str:
-    return "tokens" if kind == "tokens" else f"{kind} latents"
-
-
 def _storable(t: torch.Tensor, kind: str, model: Any) -> torch.Tensor:
     """Integers (tokens) in the narrowest dtype that holds the codebook; floats as float32."""
     if t.is_floating_point():
@@ -63,67 +70,116 @@ def _storable(t: torch.Tensor, kind: str, model: Any) -> torch.Tensor:
     return t.to(_token_dtype(int(model.n_embed)) if kind == "tokens" else torch.int32)
 
 
+class _Indexed(Dataset):
+    """`(dataset index, item)` for the indices of one shard, so skipped items keep their true index."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, Any]:
+        return self.indices[j], self.dataset[self.indices[j]]
+
+
+def _collate_indexed(pairs: list[tuple[int, Any]]) -> tuple[list[int], Any, list[tuple[int, str, str]]]:
+    """(indices of the good items, their batch or None, [(index, reason, detail)] of the skipped ones)."""
+    good = [(i, item) for i, item in pairs if not is_skipped(item)]
+    skipped = [(i, *as_skipped(item)) for i, item in pairs if is_skipped(item)]
+    return [i for i, _ in good], default_collate([item for _, item in good]) if good else None, skipped
+
+
+def _encode_shard(model: Any, dataset: Dataset, indices: Sequence[int], kind: str, batch_size: int,
+                  num_workers: int, device: str | torch.device, bar: tqdm) -> tuple[dict[str, torch.Tensor], list]:
+    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_indexed)
+    encoded: dict[str, list[torch.Tensor]] = {}
+    labels, kept, skipped = [], [], []
+    for good, batch, bad in loader:
+        skipped += bad
+        bar.update(len(good) + len(bad))
+        if batch is None:
+            continue
+        for name, t in model.encode_for_prior(batch["image"].to(device), kind).items():
+            encoded.setdefault(name, []).append(t.cpu())
+        labels.append(torch.as_tensor(batch.get("class_label", torch.full((len(good),), -1))).long())
+        kept += good
+    clash = set(encoded) & set(BOOKKEEPING)
+    if clash:
+        raise ValueError(f"encode_for_prior returned reserved keys {sorted(clash)}")
+    tensors = {name: _storable(torch.cat(ts), kind, model) for name, ts in encoded.items()}
+    tensors.update(class_label=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+                   index=torch.tensor(kept, dtype=torch.long))
+    return tensors, skipped
+
+
+def _read_shards(out: Path, n_shards: int) -> tuple[int, list[str], list[tuple[int, str, str]]]:
+    """Stored items, latent keys and skipped items of the finished shards, from their headers only."""
+    count, keys, skipped = 0, set(), []
+    for s in range(n_shards):
+        with safe_open(str(out / _shard_name(s)), framework="pt") as f:
+            count += f.get_slice("index").get_shape()[0]
+            keys |= {k for k in f.keys() if k not in BOOKKEEPING}
+            skipped += [tuple(r) for r in json.loads((f.metadata() or {}).get("skipped", "[]"))]
+    return count, sorted(keys), skipped
+
+
 @torch.no_grad()
 def build_cache(model: Any, dataset: Dataset, out_dir: str | os.PathLike, fingerprint: Mapping[str, Any],
                 batch_size: int = 256, shard_size: int = 8192, device: str | torch.device = "cpu",
                 progress: bool = True, extra_meta: Mapping[str, Any] | None = None,
-                kind: str | None = None) -> Path:
+                kind: str | None = None, split: str | None = None, dataset_config: Mapping[str, Any] | None = None,
+                num_workers: int = 0) -> Path:
     """Encode `dataset` with `model.encode_for_prior(x, kind)` into `out_dir`; resumes an interrupted build.
 
-    `kind` defaults to the first stage's default `latent_kind`.
+    `kind` defaults to the first stage's default `latent_kind`. `split` and `dataset_config` (the data
+    set's `target`/`params`) are recorded with the fingerprint; a folder holding another cache, or
+    files of its own, is refused before anything in it changes (`cache_meta.check_build_target`).
     """
     kind = model.resolve_kind(kind)
     if fingerprint.get("latent_kind", kind) != kind:
-        raise ValueError(f"the fingerprint describes {_describe(fingerprint['latent_kind'])} but the cache is "
+        raise ValueError(f"the fingerprint describes {describe_kind(fingerprint['latent_kind'])} but the cache is "
                          f"built with kind={kind!r}")
     out = Path(out_dir)
+    meta: dict[str, Any] = {"format": FORMAT, **plain(dict(extra_meta or {})), "fingerprint": plain(dict(fingerprint)),
+                            "latent_kind": kind, "dataset_size": len(dataset), "shard_size": shard_size,
+                            "complete": False}
+    if split is not None:
+        meta["split"] = split
+    if dataset_config is not None:
+        meta["dataset"] = plain(dict(dataset_config))
+    old = check_build_target(out, meta)
+    if old is not None and old.get("complete"):
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    meta_path = out / META
-    meta = {"fingerprint": dict(fingerprint), "count": len(dataset), "shard_size": shard_size,
-            "latent_kind": kind, "complete": False, **dict(extra_meta or {})}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("fingerprint") != meta["fingerprint"] or old.get("count") != len(dataset) \
-                or old.get("shard_size") != shard_size:
-            raise ValueError(f"{out} holds a cache built with another first stage or data set "
-                             f"({old.get('fingerprint')}, {old.get('count')} items); use a new folder")
-        if old.get("complete"):
-            return out
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_meta(out, meta)
     model = model.to(device).eval()
     n_shards = (len(dataset) + shard_size - 1) // shard_size
+    shards = [range(s * shard_size, min((s + 1) * shard_size, len(dataset))) for s in range(n_shards)]
     todo = [s for s in range(n_shards) if not (out / _shard_name(s)).exists()]
     bar = tqdm(total=len(dataset), desc=f"caching {kind} into {out}", disable=not progress,
-               initial=(n_shards - len(todo)) * shard_size if todo else len(dataset))
+               initial=len(dataset) - sum(len(shards[s]) for s in todo))
     for s in todo:
-        idx = range(s * shard_size, min((s + 1) * shard_size, len(dataset)))
-        loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False)
-        encoded: dict[str, list[torch.Tensor]] = {}
-        labels = []
-        for batch in loader:
-            for name, t in model.encode_for_prior(batch["image"].to(device), kind).items():
-                encoded.setdefault(name, []).append(t.cpu())
-            labels.append(torch.as_tensor(batch.get("class_label", torch.full((len(batch["image"]),), -1))).long())
-            bar.update(len(batch["image"]))
-        clash = set(encoded) & set(BOOKKEEPING)
-        if clash:
-            raise ValueError(f"encode_for_prior returned reserved keys {sorted(clash)}")
-        tensors = {name: _storable(torch.cat(ts), kind, model) for name, ts in encoded.items()}
-        tensors.update(class_label=torch.cat(labels), index=torch.tensor(list(idx), dtype=torch.long))
+        tensors, skipped = _encode_shard(model, dataset, shards[s], kind, batch_size, num_workers, device, bar)
         tmp = out / f".{_shard_name(s)}.tmp"
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"skipped": json.dumps(skipped)})
         os.replace(tmp, out / _shard_name(s))
     bar.close()
-    if n_shards:
-        with safe_open(str(out / _shard_name(0)), framework="pt") as f:
-            meta["keys"] = sorted(k for k in f.keys() if k not in BOOKKEEPING)
-    meta["complete"] = True
-    meta_path.write_text(json.dumps(meta, indent=2))
+    count, keys, skipped = _read_shards(out, n_shards)
+    meta.update(count=count, skipped=skip_record(skipped))
+    if count == 0:
+        write_meta(out, meta)
+        raise ValueError(f"no item of {f'the {split} split' if split else 'the data set'} could be read "
+                         f"({len(skipped)} skipped: {meta['skipped']['reasons']}); nothing was cached in {out}")
+    meta.update(keys=keys, complete=True)
+    write_meta(out, meta)
     return out
 
 
 def cache_split(ckpt_path: str | os.PathLike, split: str, out_dir: str | os.PathLike, batch_size: int = 256,
-                device: str | torch.device = "cpu", progress: bool = True, kind: str | None = None) -> Path:
+                device: str | torch.device = "cpu", progress: bool = True, kind: str | None = None,
+                num_workers: int = 0) -> Path:
     """Cache `data.params.<split>` of a first-stage run's own config, encoded by that run's checkpoint
     into latents of `kind` (default: the first stage's default kind)."""
     from ldm.checkpoint import instantiate_from_checkpoint
@@ -136,15 +192,16 @@ def cache_split(ckpt_path: str | os.PathLike, split: str, out_dir: str | os.Path
         raise ValueError(f"the config stored in {ckpt_path} has no data.params.{split}")
     dataset = instantiate_from_config(data_cfg, key=f"data.params.{split}")
     return build_cache(model, dataset, out_dir, first_stage_fingerprint(model, ckpt_path, kind=kind), batch_size,
-                       device=device, progress=progress, kind=kind,
-                       extra_meta={"checkpoint": str(ckpt_path), "split": split, "dataset": data_cfg})
+                       device=device, progress=progress, kind=kind, split=split, dataset_config=data_cfg,
+                       extra_meta={"checkpoint": str(ckpt_path)}, num_workers=num_workers)
 
 
 class LatentCache(Dataset):
     """Items with the stored latent keys (`tokens` (h, w) long; `latent`, or `posterior_mean` and
     `posterior_logvar`, (C, h, w) float32) plus `class_label`.
 
-    Caches written before `meta.json` listed its keys (a `tokens` or `latent` entry) load unchanged.
+    Caches written before `meta.json` listed its keys (a `tokens` or `latent` entry), or before it
+    recorded the split, the data config and skipped items, load unchanged.
     """
 
     def __init__(self, root: str, expect: Mapping[str, Any] | None = None):
@@ -158,9 +215,12 @@ class LatentCache(Dataset):
         shards = [load_file(str(p)) for p in sorted(self.root.glob("shard-*.safetensors"))]
         if not shards:
             raise ValueError(f"the cache at {root} has no shards; rebuild it with scripts/cache_latents.py")
+        shards = [s for s in shards if len(s["class_label"])] or shards[:1]  # a shard of skipped items only is empty
         self.keys = list(self.meta.get("keys") or sorted(k for k in shards[0] if k not in BOOKKEEPING))
         self.data = {k: torch.cat([s[k] for s in shards]) for k in self.keys}
         self.labels = torch.cat([s["class_label"] for s in shards])
+        # (N,) each item's index in its data set; None for a cache whose shards did not store it
+        self.indices = torch.cat([s["index"] for s in shards]) if all("index" in s for s in shards) else None
         if any(len(v) != self.meta["count"] for v in self.data.values()) or len(self.labels) != self.meta["count"]:
             raise ValueError(f"the cache at {root} has {len(self.labels)} items, its meta.json says {self.meta['count']}")
         if expect is not None:
@@ -185,8 +245,8 @@ class LatentCache(Dataset):
         than `fingerprint` (a prior's `first_stage_fingerprint()`) describes."""
         want = fingerprint.get("latent_kind")
         if want is not None and want != self.latent_kind:
-            raise ValueError(f"the latent cache at {self.root} holds {_describe(self.latent_kind)} but this prior "
-                             f"models {_describe(want)}; rebuild it with scripts/cache_latents.py --kind {want}")
+            raise ValueError(f"the latent cache at {self.root} holds {describe_kind(self.latent_kind)} but this prior "
+                             f"models {describe_kind(want)}; rebuild it with scripts/cache_latents.py --kind {want}")
         built = self.meta["fingerprint"]
         diffs = []
         for k, v in fingerprint.items():

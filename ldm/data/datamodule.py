@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ldm.data.skipped import collate_good
 from ldm.util import instantiate_from_config
 
 SPLITS = ("train", "validation", "test")
@@ -103,7 +104,10 @@ class ResumableLoader(DataLoader):
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """Datasets are built lazily in `setup`; a split without a config has no loader."""
+    """Datasets are built lazily in `setup`; a split without a config has no loader.
+
+    Items a data set skips (`ldm.data.skipped`: unreadable images) are dropped from their batch.
+    """
 
     def __init__(self, batch_size: int, train: Mapping[str, Any] | None = None,
                  validation: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
@@ -155,7 +159,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         loader = ResumableLoader if sampler is not None else DataLoader
         return loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                           drop_last=drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          generator=g, persistent_workers=self.num_workers > 0)
+                          generator=g, persistent_workers=self.num_workers > 0, collate_fn=collate_good)
 
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.configs:

@@ -2,9 +2,9 @@
 
 Files are listed from a folder (recursively) or from a split-list file of relative paths, as the
 anchors ship them. Odd images are converted (grayscale, CMYK, palette, 16-bit, RGBA composited on
-white); unreadable, truncated or oversized files are skipped and counted, never crashing an epoch.
-The record of skipped files lives in shared memory, so what DataLoader worker processes find is what
-`skip_report()` returns in the parent.
+white); unreadable, truncated or oversized files are skipped and counted, never crashing an epoch and
+never replaced by another file (see `ldm.data.skipped`). The record of skipped files lives in shared
+memory, so what DataLoader worker processes find is what `skip_report()` returns in the parent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
+
+from ldm.data.skipped import Skipped
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -49,13 +51,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int, allow_truncated: bool = False) -> Image.Image:
-    """Open and fully decode an image, or raise ImageLoadError with a reason."""
+def check_size(path: str | Path, w: int, h: int, max_pixels: int, max_side: int) -> None:
+    """Raise ImageLoadError when a side or the pixel count is over its limit (from the header: before decoding)."""
+    if max(w, h) > max_side:
+        raise ImageLoadError("too_large", f"{path}: {w}x{h} has a side over max_side={max_side}")
+    if w * h > max_pixels:
+        raise ImageLoadError("too_large", f"{path}: {w}x{h} has {w * h} pixels, over max_pixels={max_pixels}")
+
+
+def load_image(path: str | Path, max_pixels: int, allow_truncated: bool = False,
+               max_side: int = 16384) -> Image.Image:
+    """Open an image, check its size from the header, then decode it; or raise ImageLoadError with a reason.
+
+    `Image.open` reads only the header, so an image over a limit is never decoded: a 1x200000 PNG is
+    small on disk and within the pixel limit, but scaling its short side to `size` made gigabytes.
+    """
     try:
         with Image.open(path) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageLoadError("too_large", f"{path}: {w}x{h} exceeds max_pixels={max_pixels}")
+            check_size(path, *img.size, max_pixels=max_pixels, max_side=max_side)
             previous = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
             try:
@@ -65,7 +78,9 @@ def load_image(path: str | Path, max_pixels: int, allow_truncated: bool = False)
             return to_rgb(img)
     except ImageLoadError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own limit, checked in Image.open
+        raise ImageLoadError("too_large", f"{path}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
         message = str(e).replace(str(path), "")  # the path itself may contain any word
         reason = "truncated" if "truncated" in message.lower() else "unreadable"
         raise ImageLoadError(reason, f"{path}: {e}") from e
@@ -74,15 +89,21 @@ def load_image(path: str | Path, max_pixels: int, allow_truncated: bool = False)
 class ImagePaths(Dataset):
     """Items `{"image": (3, size, size) in [-1, 1], "file_path_": str}` (+ `class_label` when given).
 
-    A bad file is replaced by the next good one and counted once, by reason, in `skip_report()`. Which
-    file was skipped for which reason is one byte per file in a tensor in shared memory, created here:
-    DataLoader workers (forked or spawned) write into the same memory the parent reads, and a file two
-    workers both find bad still counts once.
+    A bad file gives `Skipped(reason, detail)` (never the next good file, whose content would then sit
+    under the wrong index), which `ldm.data.skipped.collate_good` drops from its batch: a training batch
+    is one smaller, and the latent cache leaves the index out and records it. Dropping at load time,
+    rather than checking every header when the data set is built, costs nothing on a clean data set and
+    also catches files whose data is cut off after a good header.
+
+    Each bad file counts once, by reason, in `skip_report()`. Which file was skipped for which reason
+    is one byte per file in a tensor in shared memory, created here: DataLoader workers (forked or
+    spawned) write into the same memory the parent reads, and a file two workers both find bad still
+    counts once. Sizes are checked from the header: `max_pixels` (width x height) and `max_side`.
     """
 
     def __init__(self, paths: Sequence[str | Path], size: int, labels: Sequence[int] | None = None,
                  crop: Crop = "center", flip: bool = False, max_pixels: int = 64_000_000,
-                 allow_truncated: bool = False, root: str | Path | None = None):
+                 allow_truncated: bool = False, root: str | Path | None = None, max_side: int = 16384):
         if crop not in ("center", "random", "none"):
             raise ValueError(f"crop must be center, random or none; got {crop!r}")
         if not paths:
@@ -90,7 +111,9 @@ class ImagePaths(Dataset):
         self.paths = [str(p) for p in paths]
         self.labels = list(labels) if labels is not None else None
         self.size, self.crop, self.flip = size, crop, flip
-        self.max_pixels, self.allow_truncated = max_pixels, allow_truncated
+        if max_pixels < 1 or max_side < 1:
+            raise ValueError(f"max_pixels and max_side must be >= 1; got {max_pixels} and {max_side}")
+        self.max_pixels, self.max_side, self.allow_truncated = max_pixels, max_side, allow_truncated
         self.root = root
         # 0: not known bad; 1 + i: skipped for SKIP_REASONS[i]
         self._skip_codes = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()  # (N,)
@@ -99,41 +122,41 @@ class ImagePaths(Dataset):
         return len(self.paths)
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        """Shorter side to `size`, crop to a square, optional flip; (3, size, size) in [-1, 1]."""
+        """The square of the shorter side (centred or random) scaled to `size`, optional flip; (3, size, size)
+        in [-1, 1]. Cropping before scaling (PIL's `box`) keeps memory at `size`² whatever the aspect ratio."""
         w, h = img.size
-        s = self.size / min(w, h)
         if self.crop == "none":
             img = img.resize((self.size, self.size), Image.BICUBIC)
         else:
-            img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
-            w, h = img.size
+            side = min(w, h)
             if self.crop == "center":
-                left, top = (w - self.size) // 2, (h - self.size) // 2
+                left, top = (w - side) // 2, (h - side) // 2
             else:
-                left, top = random.randint(0, w - self.size), random.randint(0, h - self.size)
-            img = img.crop((left, top, left + self.size, top + self.size))
+                left, top = random.randint(0, w - side), random.randint(0, h - side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + side, top + side))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
         if self.flip and random.random() < 0.5:
             x = x.flip(-1)
         return x
 
-    def __getitem__(self, i: int) -> dict:
-        for offset in range(len(self.paths)):
-            j = (i + offset) % len(self.paths)
-            if self._skip_codes[j]:
-                continue
-            try:
-                img = load_image(self.paths[j], self.max_pixels, self.allow_truncated)
-            except ImageLoadError as e:
-                reason = e.reason if e.reason in SKIP_REASONS else "unreadable"
-                self._skip_codes[j] = 1 + SKIP_REASONS.index(reason)
-                log.warning("skipping image (%s): %s", reason, e)
-                continue
-            item = {"image": self.preprocess(img), "file_path_": self.paths[j]}
-            if self.labels is not None:
-                item["class_label"] = int(self.labels[j])
-            return item
-        raise ValueError(f"every image{f' in {self.root}' if self.root else ''} is unreadable: {self.skip_report()}")
+    def __getitem__(self, i: int) -> dict | Skipped:
+        path = self.paths[i]
+        if self._skip_codes[i]:
+            return Skipped(SKIP_REASONS[int(self._skip_codes[i]) - 1], f"{path}: found bad before")
+        try:
+            img = load_image(path, self.max_pixels, self.allow_truncated, self.max_side)
+        except ImageLoadError as e:
+            reason = e.reason if e.reason in SKIP_REASONS else "unreadable"
+            self._skip_codes[i] = 1 + SKIP_REASONS.index(reason)
+            log.warning("skipping image (%s): %s", reason, e)
+            if bool(self._skip_codes.all()):
+                raise ValueError(f"every image{f' in {self.root}' if self.root else ''} is unreadable: "
+                                 f"{self.skip_report()}") from None
+            return Skipped(reason, str(e))
+        item = {"image": self.preprocess(img), "file_path_": path}
+        if self.labels is not None:
+            item["class_label"] = int(self.labels[i])
+        return item
 
     @property
     def skipped(self) -> Counter[str]:
@@ -167,10 +190,11 @@ class ImageFolder(ImagePaths):
     """All images under `root`, or those a split list names (FFHQ, CelebA-HQ, LSUN)."""
 
     def __init__(self, root: str, size: int, split_file: str | None = None, crop: Crop = "center",
-                 flip: bool = False, max_pixels: int = 64_000_000, allow_truncated: bool = False):
+                 flip: bool = False, max_pixels: int = 64_000_000, allow_truncated: bool = False,
+                 max_side: int = 16384):
         paths = read_split_list(root, split_file) if split_file else list_images(root)
         super().__init__(paths, size, crop=crop, flip=flip, max_pixels=max_pixels, allow_truncated=allow_truncated,
-                         root=root)
+                         root=root, max_side=max_side)
 
 
 class ClassFolder(ImagePaths):
@@ -180,7 +204,8 @@ class ClassFolder(ImagePaths):
     """
 
     def __init__(self, root: str, size: int, synsets: str | Sequence[str] | None = None, crop: Crop = "center",
-                 flip: bool = False, max_pixels: int = 64_000_000, allow_truncated: bool = False):
+                 flip: bool = False, max_pixels: int = 64_000_000, allow_truncated: bool = False,
+                 max_side: int = 16384):
         folders = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
         if isinstance(synsets, str):
             synsets = [ln.split()[0] for ln in Path(synsets).read_text().splitlines() if ln.strip()]
@@ -195,4 +220,4 @@ class ClassFolder(ImagePaths):
                 labels.append(index[folder])
         self.synsets = order
         super().__init__(paths, size, labels=labels, crop=crop, flip=flip, max_pixels=max_pixels,
-                         allow_truncated=allow_truncated, root=root)
+                         allow_truncated=allow_truncated, root=root, max_side=max_side)

@@ -173,6 +173,8 @@ class FirstStageModel(pl.LightningModule):
         pass
 
     def _eval_step(self, batch: Mapping[str, Any], split: str) -> None:
+        if batch is None:  # every image of the batch was skipped (ldm.data.skipped)
+            return
         model = self.averaged()  # the EMA copies when the model keeps them
         x = self.get_input(batch)
         xrec, aux = model(x)

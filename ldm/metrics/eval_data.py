@@ -12,6 +12,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ldm.data.skipped import is_skipped
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 
@@ -54,6 +55,6 @@ def image_split(config: Mapping[str, Any], split: str = "test") -> tuple[Dataset
     """The image data set of `split` (items with an `image`) a checkpoint's config describes, and its source."""
     image_cfg, source = image_split_config(config, split)
     dataset = instantiate_from_config(image_cfg, key=f"{source} ({split})")
-    if len(dataset) == 0 or "image" not in dataset[0]:
+    if len(dataset) == 0 or (not is_skipped(first := dataset[0]) and "image" not in first):
         raise ValueError(f"{source} gives no images (items need an 'image' entry)")
     return dataset, source

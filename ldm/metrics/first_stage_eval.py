@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ldm.data.skipped import collate_good
 from ldm.metrics.classifier import FMNISTClassifier
 from ldm.metrics.frechet import feature_statistics, frechet_distance
 from ldm.metrics.image import psnr, ssim
@@ -30,9 +31,11 @@ def evaluate_first_stage(model: Any, dataset: Dataset, classifier: FMNISTClassif
     model = model.to(device).eval()
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_good)  # unreadable: left out
     psnrs, ssims, tokens, feats_x, feats_r = [], [], [], [], []
     for batch in tqdm(loader, desc="reconstructing", disable=not progress):
+        if batch is None:
+            continue
         x = batch["image"].to(device)
         latent = model.encode_to_latent(x)
         rec = model.decode_latent(latent).clamp(-1, 1)

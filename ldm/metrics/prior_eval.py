@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ldm.data.skipped import collate_good
 from ldm.metrics.classifier import FMNISTClassifier, classifier_outputs
 from ldm.metrics.frechet import feature_statistics, frechet_distance
 
@@ -34,7 +35,8 @@ def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100,
 def dataset_images(dataset: Dataset, limit: int | None = None, batch_size: int = 500) -> torch.Tensor:
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    return torch.cat([b["image"] for b in DataLoader(dataset, batch_size=batch_size)])
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_good)  # unreadable images left out
+    return torch.cat([b["image"] for b in loader if b is not None])
 
 
 def sample_scores(images: torch.Tensor, labels: torch.Tensor | None, classifier: FMNISTClassifier,
@@ -53,7 +55,10 @@ def elbo_bits(prior: Any, dataset: Dataset, batch_size: int = 250, limit: int | 
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     total, count = 0.0, 0
-    for i, batch in enumerate(tqdm(DataLoader(dataset, batch_size=batch_size), desc="ELBO", disable=not progress)):
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_good)  # unreadable images left out
+    for i, batch in enumerate(tqdm(loader, desc="ELBO", disable=not progress)):
+        if batch is None:
+            continue
         batch = {k: v.to(prior.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         bits = prior.nll(batch, generator=torch.Generator(device=prior.device).manual_seed(seed + i), **nll_kw)
         total += float(bits.sum())

@@ -83,7 +83,8 @@ def test_other_first_stage_is_refused(tmp_path):
     build_cache(CountingVQ(), Images(), tmp_path, FP, progress=False)
     with pytest.raises(ValueError, match=r"built with another first stage \(n_embed: cache 8 vs model 16"):
         LatentCache(str(tmp_path), expect={**FP, "n_embed": 16})
-    with pytest.raises(ValueError, match="holds a cache built with another first stage"):
+    with pytest.raises(ValueError, match=r"holds latents of first stage ckpt_sha256='abc'; refusing to build latents "
+                                         r"of first stage ckpt_sha256='other' into it: choose another --out"):
         build_cache(CountingVQ(), Images(), tmp_path, {**FP, "ckpt_sha256": "other"}, progress=False)
 
 
