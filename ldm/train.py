@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import glob
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,34 @@ def load_config(base: list[str], overrides: list[str]) -> DictConfig:
     return config
 
 
+# what `lightning:` may hold: Trainer arguments, callbacks ({name: {target, params}}), the best-checkpoint
+# callback's parameters and how often `last.ckpt` is refreshed
+LIGHTNING_KEYS = ("trainer", "callbacks", "modelcheckpoint", "checkpoint_every_n_steps")
+
+
+def check_lightning_keys(lightning_config: DictConfig) -> None:
+    """Misspelt keys under `lightning` are errors, as everywhere else in a config."""
+    for k in lightning_config:
+        if k not in LIGHTNING_KEYS:
+            close = difflib.get_close_matches(str(k), LIGHTNING_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"lightning.{k}", f"unknown key{hint}; lightning holds {', '.join(LIGHTNING_KEYS)}")
+    every = lightning_config.get("checkpoint_every_n_steps", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError("lightning.checkpoint_every_n_steps", f"expected an integer >= 1, got {every!r}")
+    mc = lightning_config.get("modelcheckpoint") or {}
+    stray = [k for k in mc if k not in ("target", "params")]
+    if stray:
+        raise ConfigError("lightning.modelcheckpoint", f"unexpected key(s) {', '.join(map(repr, stray))}; it holds "
+                                                       "'params' (ModelCheckpoint's arguments) and optionally 'target'")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    check_params(ModelCheckpoint, dict(mc.get("params") or {}), "lightning.modelcheckpoint")
+    callbacks = lightning_config.get("callbacks") or {}
+    if not isinstance(callbacks, Mapping):
+        raise ConfigError("lightning.callbacks", "expected a mapping of names to {target, params} nodes")
+
+
 def trainer_kwargs_from(opt: argparse.Namespace, lightning_config: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
 
@@ -161,7 +191,7 @@ def trainer_kwargs_from(opt: argparse.Namespace, lightning_config: DictConfig) -
             if flag == "devices" and isinstance(value, str) and value.isdigit():
                 value = int(value)
             trainer_cfg[flag] = value
-    check_params(pl.Trainer, trainer_cfg, "lightning.trainer")
+    check_params(pl.Trainer, trainer_cfg, "lightning.trainer", nested=False)
     return trainer_cfg
 
 
@@ -244,8 +274,14 @@ def take_run_folder(paths: RunPaths, resume: bool) -> RunPaths:
                     os.path.join(logdir, "configs"), paths.resume_ckpt)
 
 
+def user_callbacks(lightning_config: DictConfig) -> list[Any]:
+    """`lightning.callbacks`, built before the run folder is made (a bad one then leaves nothing behind)."""
+    user = OmegaConf.to_container(lightning_config.get("callbacks", OmegaConf.create()), resolve=True)
+    return [instantiate_from_config(cfg, key=f"lightning.callbacks.{name}") for name, cfg in user.items()]
+
+
 def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictConfig, model: Any, resume: bool,
-                    seed: int):
+                    seed: int, user_callbacks: list[Any]):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from ldm.callbacks import ImageLogger, SetupCallback, SignalCheckpoint, StepSeed
@@ -266,12 +302,8 @@ def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictC
     if monitor:
         mc_params.setdefault("filename", "best-{epoch:06}-{step:07}")
         mc_params.setdefault("save_top_k", 1)
-        check_params(ModelCheckpoint, mc_params, "lightning.modelcheckpoint")
         callbacks.append(ModelCheckpoint(dirpath=paths.ckptdir, monitor=monitor, **mc_params))
-    user = OmegaConf.to_container(lightning_config.get("callbacks", OmegaConf.create()), resolve=True)
-    for name, cb_cfg in user.items():
-        cb = instantiate_from_config(cb_cfg, key=f"lightning.callbacks.{name}")
-        callbacks.append(cb)
+    callbacks += user_callbacks
     if not any(isinstance(c, ImageLogger) for c in callbacks):
         callbacks.append(ImageLogger(batch_frequency=1000, max_images=16))
     return callbacks
@@ -306,6 +338,7 @@ def train(argv: list[str] | None = None) -> int:
     os.environ.pop("PL_GLOBAL_SEED", None)
     config = load_config(opt.base, unknown)
     lightning_config = config.pop("lightning", OmegaConf.create())
+    check_lightning_keys(lightning_config)
     trainer_cfg = trainer_kwargs_from(opt, lightning_config)
     lightning_config.trainer = trainer_cfg
 
@@ -317,13 +350,14 @@ def train(argv: list[str] | None = None) -> int:
     resolve_strategy(trainer_cfg, model)
     lightning_config.trainer = trainer_cfg
 
+    extra = user_callbacks(lightning_config)
     resume_step = None
     if paths.resume_ckpt:
         resume_step = int(read_checkpoint(paths.resume_ckpt).get("global_step", 0))
     if opt.train or paths.resume_ckpt:
         paths = take_run_folder(paths, resume=bool(opt.resume))
     loggers = run_loggers(paths.logdir, resume_step)
-    callbacks = build_callbacks(paths, config, lightning_config, model, bool(paths.resume_ckpt), opt.seed)
+    callbacks = build_callbacks(paths, config, lightning_config, model, bool(paths.resume_ckpt), opt.seed, extra)
     trainer = pl.Trainer(**trainer_cfg, logger=loggers, callbacks=callbacks, default_root_dir=paths.logdir,
                          plugins=[AtomicCheckpointIO()])
 

@@ -10,7 +10,10 @@ import difflib
 import importlib
 import inspect
 import os
-from collections.abc import Callable, Iterable, Mapping
+import types
+import typing
+from collections import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -120,27 +123,109 @@ def accepted_parameters(cls: Any) -> tuple[list[str], list[str], bool]:
     return names, required, var_kw
 
 
-def check_params(cls: Any, params: Mapping[str, Any], key: str, provided: tuple[str, ...] = ()) -> None:
-    """Raise a ConfigError naming `key`, the class and its accepted parameters on a bad `params`."""
+def _unknown(names: list[str], given: Iterable[str]) -> list[str]:
+    """The given names not in `names`, each with a close match when there is one."""
+    hints = []
+    for u in given:
+        if u not in names:
+            close = difflib.get_close_matches(u, names, n=1)
+            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return hints
+
+
+def check_params(cls: Any, params: Mapping[str, Any], key: str, provided: tuple[str, ...] = (),
+                 nested: bool = True) -> None:
+    """Raise a ConfigError naming `key`, the class and its accepted parameters on a bad `params`: an
+    unknown or missing name, or a value of the wrong type. `nested`: the parameters sit under
+    `<key>.params` (a `{target, params}` node), else directly under `key` (e.g. `lightning.trainer`)."""
     names, required, var_kw = accepted_parameters(cls)
     qual = f"{cls.__module__}.{getattr(cls, '__qualname__', cls)}"
-    if not var_kw:
-        unknown = [p for p in params if p not in names]
-        if unknown:
-            hints = []
-            for u in unknown:
-                close = difflib.get_close_matches(u, names, n=1)
-                hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(
-                f"{key}.params",
-                f"{qual} does not accept {', '.join(hints)}; accepted parameters: {', '.join(names)}",
-            )
+    where = f"{key}.params" if nested else key
+    unknown = [] if var_kw else _unknown(names, params)
+    if unknown:
+        raise ConfigError(where, f"{qual} does not accept {', '.join(unknown)}; accepted parameters: {', '.join(names)}")
     missing = [r for r in required if r not in params and r not in provided]
     if missing:
-        raise ConfigError(
-            f"{key}.params",
-            f"{qual} needs {', '.join(repr(m) for m in missing)}; accepted parameters: {', '.join(names)}",
-        )
+        raise ConfigError(where, f"{qual} needs {', '.join(repr(m) for m in missing)}; accepted parameters: "
+                                 f"{', '.join(names)}")
+    check_types(type_hints(cls), params, where)
+
+
+def check_nested(params: Mapping[str, Any], readers: Iterable[Any], key: str) -> None:
+    """A plain dict handed to several constructors as `**params` (e.g. `ddconfig` to the encoder and the
+    decoder, which ignore each other's keys): every key must be read by one of them, with its type."""
+    readers = list(readers)
+    names = sorted({n for r in readers for n in accepted_parameters(r)[0]})
+    unknown = _unknown(names, params)
+    if unknown:
+        who = " and ".join(r.__name__ for r in readers)
+        raise ConfigError(key, f"{who} do not read {', '.join(unknown)}; keys they read: {', '.join(names)}")
+    for r in readers:
+        hints = type_hints(r)
+        check_types(hints, {k: v for k, v in params.items() if k in hints}, key)
+
+
+def type_hints(cls: Any) -> dict[str, Any]:
+    """The resolved annotations of a class's `__init__` (or a function's); {} where they cannot be resolved."""
+    fn = cls.__init__ if inspect.isclass(cls) else cls
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # annotations naming what the module does not import at run time
+        return {}
+
+
+def check_types(hints: Mapping[str, Any], params: Mapping[str, Any], where: str) -> None:
+    """A value whose type contradicts its annotation gets a ConfigError naming its key and the expected type.
+    Only plain types are judged (numbers, strings, booleans, sequences, mappings, literals, unions of
+    them); anything else (classes, callables, tensors) passes."""
+    for name, value in params.items():
+        hint = hints.get(name)
+        if hint is not None and not _matches(hint, value):
+            raise ConfigError(f"{where}.{name}", f"expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(a, value) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if (origin or hint) in (list, tuple, Sequence, abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = [a for a in args if a is not Ellipsis]
+        if (origin or hint) is tuple and Ellipsis not in args and items:
+            return len(items) == len(value) and all(_matches(a, v) for a, v in zip(items, value))
+        return len(items) != 1 or all(_matches(items[0], v) for v in value)
+    if (origin or hint) in (dict, Mapping, abc.Mapping):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if (origin or hint) in (list, tuple, Sequence, abc.Sequence):
+        items = [_describe(a) for a in args if a is not Ellipsis]
+        return "a list" + (f" of {' and '.join(items)}" if items else "")
+    if (origin or hint) in (dict, Mapping, abc.Mapping):
+        return "a mapping"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def instantiate_from_config(config: Any, key: str = "config", **extra: Any) -> Any:

@@ -95,8 +95,26 @@ def test_time_limit_keeps_the_final_state(toy_config, tmp_path):
 def test_bad_override_names_key(toy_config, tmp_path):
     with pytest.raises(ConfigError, match=r"model.params: tests.toy.ToyAutoencoder does not accept 'sise'"):
         run(["--base", toy_config, "-t", "-l", str(tmp_path), "model.params.sise=8"])
-    with pytest.raises(ConfigError, match=r"lightning.trainer.params: .*Trainer does not accept 'max_step'"):
+    with pytest.raises(ConfigError, match=r"lightning.trainer: .*Trainer does not accept 'max_step'"):
         run(["--base", toy_config, "-t", "-l", str(tmp_path), "lightning.trainer.max_step=8"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lightning.checkpoint_every_n_step=5",
+     "lightning.checkpoint_every_n_step: unknown key (did you mean 'checkpoint_every_n_steps'?); lightning holds "
+     "trainer, callbacks, modelcheckpoint, checkpoint_every_n_steps"),
+    ("lightning.checkpoint_every_n_steps=0", "lightning.checkpoint_every_n_steps: expected an integer >= 1, got 0"),
+    ("lightning.modelcheckpoint.params.save_top=2", "lightning.modelcheckpoint.params: "
+     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint does not accept 'save_top' (did you mean "
+     "'save_top_k'?)"),
+    ("lightning.trainer.max_steps=ten", "lightning.trainer.max_steps: expected an integer, got 'ten' (str)"),
+    ("data.params.batch_size=eight", "data.params.batch_size: expected an integer, got 'eight' (str)"),
+])
+def test_bad_lightning_and_typed_values_name_key_and_nothing_is_written(toy_config, tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        run(["--base", toy_config, "-t", "-l", str(tmp_path / "logs"), override])
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_resume_errors(tmp_path):

@@ -56,3 +56,34 @@ def test_misspelt_node_keys():
         instantiate_from_config({"targt": "torch.nn.Identity"}, key="model")
     with pytest.raises(ConfigError, match=r"model: unexpected key\(s\) 'parms'"):
         instantiate_from_config({"target": "torch.nn.Identity", "parms": {}}, key="model")
+
+
+def test_a_value_of_the_wrong_type_names_its_key_and_the_type():
+    with pytest.raises(ConfigError) as e:
+        instantiate_from_config({"target": "tests.test_util.Outer", "params": {"width": "abc"}}, key="model")
+    assert str(e.value) == "model.params.width: expected an integer, got 'abc' (str)"
+    with pytest.raises(ConfigError) as e:
+        instantiate_from_config({"target": "tests.test_util.Outer", "params": {"width": 3, "scale": [1]}}, key="model")
+    assert str(e.value) == "model.params.scale: expected a number, got [1] (list)"
+    # ints are numbers, None is allowed where the annotation says so
+    assert instantiate_from_config({"target": "tests.test_util.Outer",
+                                    "params": {"width": 3, "scale": 2, "inner_config": None}}).scale == 2
+
+
+def test_first_stage_ddconfig_keys_and_types_are_checked():
+    vq = OmegaConf.to_container(OmegaConf.load("configs/test/first_stage_vq.yaml").model)
+    vq["params"]["ddconfig"]["ch_mul"] = vq["params"]["ddconfig"].pop("ch_mult")
+    with pytest.raises(ConfigError) as e:
+        instantiate_from_config(vq, key="model")
+    assert str(e.value).startswith("model.params.ddconfig: Encoder and Decoder do not read 'ch_mul' (did you mean "
+                                   "'ch_mult'?); keys they read: ")
+    vq["params"]["ddconfig"]["ch_mult"] = vq["params"]["ddconfig"].pop("ch_mul")
+    vq["params"]["ddconfig"]["z_channels"] = "sixteen"
+    with pytest.raises(ConfigError) as e:
+        instantiate_from_config(vq, key="model")
+    assert str(e.value) == "model.params.ddconfig.z_channels: expected an integer, got 'sixteen' (str)"
+    vq["params"]["ddconfig"]["z_channels"] = 16
+    vq["params"]["n_embed"] = "abc"
+    with pytest.raises(ConfigError) as e:
+        instantiate_from_config(vq, key="model")
+    assert str(e.value) == "model.params.n_embed: expected an integer, got 'abc' (str)"

@@ -158,8 +158,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
             shuffle = False  # the sampler shuffles
         loader = ResumableLoader if sampler is not None else DataLoader
         return loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                          drop_last=drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          generator=g, persistent_workers=self.num_workers > 0, collate_fn=collate_good)
+                      drop_last=drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      generator=g, persistent_workers=self.num_workers > 0, collate_fn=collate_good)
 
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.configs:

@@ -21,7 +21,7 @@ from ldm.ema import EMA
 from ldm.first_stage.distributions import DiagonalGaussianDistribution
 from ldm.first_stage.modules import Decoder, Encoder
 from ldm.first_stage.quantize import VectorQuantizer
-from ldm.util import instantiate_from_config
+from ldm.util import check_nested, instantiate_from_config
 
 TRAINING_ONLY = ("loss.",)  # discriminator / perceptual net: absent from inference checkpoints
 # averaged by the EMA (the loss is not): their parameter names are the LitEma keys of the anchors
@@ -48,6 +48,7 @@ class FirstStageModel(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False  # generator and discriminator steps by hand (Lightning 2)
         self.ddconfig = dict(ddconfig)
+        check_nested(self.ddconfig, (Encoder, Decoder), "ddconfig")
         self.embed_dim = embed_dim
         self.image_key = image_key
         self.monitor = monitor
