@@ -76,6 +76,21 @@ def test_resume_continues_step_and_optimizer(toy_config, tmp_path):
     assert "StepSeed" in second["callbacks"]
 
 
+def test_a_run_folder_in_use_is_refused(toy_config, tmp_path):
+    from ldm.run_folder import RunLock
+
+    logroot = str(tmp_path / "logs")
+    run(["--base", toy_config, "-t", "-l", logroot, "--no-test"])
+    logdir = only_run(logroot)
+    lock = RunLock(logdir).acquire()  # as another training process would hold it
+    try:
+        with pytest.raises(ValueError, match=rf"the run folder {logdir} is in use by process {os.getpid()} on "):
+            run(["-r", logdir, "-t", "--no-test", "--max_steps", "10"])
+    finally:
+        lock.release()
+    assert read_checkpoint(f"{logdir}/checkpoints/last.ckpt")["global_step"] == 6  # untouched
+
+
 def test_exception_saves_checkpoint(toy_config, tmp_path):
     logroot = str(tmp_path / "logs")
     with pytest.raises(RuntimeError, match="injected failure"):
