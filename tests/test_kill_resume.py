@@ -63,7 +63,8 @@ def test_kill_9_then_resume(tmp_path):
     assert [int(s["step"]) for s in final["optimizer_states"][0]["state"].values()] == [step + 4] * 2
 
 
-def test_sigusr1_saves_and_stops(tmp_path):
+def _signal_mid_run(tmp_path, signum) -> tuple[int, str, dict]:
+    """Train the toy until step 4's grid exists, send `signum`: (exit status, log, last.ckpt)."""
     cfg = dict(TOY)
     cfg["model"] = {**TOY["model"], "params": {"step_seconds": 0.05}}
     cfg["lightning"] = {**TOY["lightning"], "checkpoint_every_n_steps": 100000,
@@ -74,35 +75,28 @@ def test_sigusr1_saves_and_stops(tmp_path):
     with open(tmp_path / "run.log", "w") as log:
         proc = _start(["--base", str(path), "-t", "--no-test", "-l", str(logroot)], log)
         _wait_for(lambda: bool(glob.glob(str(logroot / "*" / "images" / "train" / "*gs-000004*"))), proc)
-        proc.send_signal(signal.SIGUSR1)
-        assert proc.wait(timeout=60) == 0
-    text = (tmp_path / "run.log").read_text()
+        proc.send_signal(signum)
+        status = proc.wait(timeout=60)
+    saved = read_checkpoint(glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))[0])
+    return status, (tmp_path / "run.log").read_text(), saved
+
+
+def test_sigusr1_saves_and_stops(tmp_path):
+    status, text, saved = _signal_mid_run(tmp_path, signal.SIGUSR1)
+    assert status == 0
     assert "Received signal" in text
     # the signal's save is the final last.ckpt (not the one validation wrote at step 4): same step
     said = re.search(r"Saved \S+last\.ckpt at step (\d+) \(signal\)", text)
     assert said, text[-2000:]
-    saved = read_checkpoint(glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))[0])
     assert saved["global_step"] == int(said.group(1)) >= 4
 
 
 def test_sigterm_saves_then_exits_non_zero(tmp_path):
     """A scheduler's SIGTERM: the state is saved and the status says the run did not finish (143)."""
-    cfg = dict(TOY)
-    cfg["model"] = {**TOY["model"], "params": {"step_seconds": 0.05}}
-    cfg["lightning"] = {**TOY["lightning"], "checkpoint_every_n_steps": 100000,
-                        "trainer": {**TOY["lightning"]["trainer"], "max_steps": 100000}}
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    logroot = tmp_path / "logs"
-    with open(tmp_path / "run.log", "w") as log:
-        proc = _start(["--base", str(path), "-t", "--no-test", "-l", str(logroot)], log)
-        _wait_for(lambda: bool(glob.glob(str(logroot / "*" / "images" / "train" / "*gs-000004*"))), proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    text = (tmp_path / "run.log").read_text()
+    status, text, saved = _signal_mid_run(tmp_path, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM
     said = re.search(r"Saved \S+last\.ckpt at step (\d+) \(signal\)", text)
     assert said and "Stopped by SIGTERM" in text, text[-2000:]
-    saved = read_checkpoint(glob.glob(str(logroot / "*" / "checkpoints" / "last.ckpt"))[0])
     assert saved["global_step"] == int(said.group(1)) >= 4
 
 

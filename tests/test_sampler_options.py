@@ -4,26 +4,18 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from absorbing import sampling
 from absorbing.model import AbsorbingPrior
 from ldm.sampler_options import Option, SamplerOptions, describe
-from ldm.util import instantiate_from_config
-
-CFG = Path(__file__).resolve().parents[1] / "configs" / "test" / "absorbing.yaml"
+from tests.absorbing.test_model import build as build_prior
 
 
 def build(**overrides):
-    cfg = OmegaConf.load(CFG)
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    torch.manual_seed(0)
-    return instantiate_from_config(cfg.model, key="model").eval()
+    return build_prior(**overrides).eval()
 
 
 @pytest.fixture(scope="module")
