@@ -14,7 +14,7 @@ from absorbing.windows import windowed_denoiser
 from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
 from ldm.sampler_options import Option, SamplerOptions
-from ldm.util import instantiate_from_config
+from ldm.util import PositiveInt, instantiate_from_config
 
 
 def _training_hw(prior: AbsorbingPrior, _: Any = None) -> tuple[int, int]:
@@ -65,13 +65,13 @@ class AbsorbingPrior(LatentPrior):
         self,
         first_stage_config: Mapping[str, Any],
         denoiser_config: Mapping[str, Any],
-        codebook_size: int,
-        num_timesteps: int = 256,
+        codebook_size: PositiveInt,
+        num_timesteps: PositiveInt = 256,
         mask_schedule: MaskSchedule = "random",
         loss_type: LossType = "reweighted_elbo",
         time_sampling: TimeSampling = "uniform",
         time_conditioning: bool = False,
-        sample_steps: int | None = None,
+        sample_steps: PositiveInt | None = None,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
         **prior_kw: Any,

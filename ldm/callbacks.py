@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.distributed import mix_seed
+from ldm.util import NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,9 @@ class SignalCheckpoint(pl.Callback):
 class ImageLogger(pl.Callback):
     """Write `pl_module.log_images` grids to `<logdir>/images/<split>/` and TensorBoard every N batches."""
 
-    def __init__(self, batch_frequency: int = 1000, max_images: int = 16, clamp: bool = True,
+    def __init__(self, batch_frequency: PositiveInt = 1000, max_images: NonNegativeInt = 16, clamp: bool = True,
                  increase_log_steps: bool = True, log_first_step: bool = False, log_on_batch_idx: bool = False,
-                 disabled: bool = False, log_images_kwargs: dict | None = None, nrow: int | None = None):
+                 disabled: bool = False, log_images_kwargs: dict | None = None, nrow: PositiveInt | None = None):
         super().__init__()
         if batch_frequency <= 0:
             raise ValueError(f"batch_frequency must be positive, got {batch_frequency}")

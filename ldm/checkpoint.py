@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ EXPORT_HINT = (
     "reader for Lightning 1.x checkpoints) and never runs a pickle's code; save the weights as a state dict "
     "or safetensors where the file is trusted (e.g. `safetensors.torch.save_file(model.state_dict(), ...)`)."
 )
+
+
+ZIP_SIGNATURE = b"PK\x03\x04"
 
 
 class CheckpointError(ValueError):
@@ -94,12 +98,33 @@ def _reason(error: BaseException) -> str:
 
 
 def _damaged(error: BaseException, path: Path) -> bool:
-    """Whether an error reading `path` comes from the file's bytes (cut short, corrupt, not torch's)."""
+    """Whether an error reading `path` comes from the file's bytes (cut short, corrupt, not torch's): torch.save
+    writes a zip (or, before torch 1.6, a pickle, which starts with its protocol byte 0x80)."""
     text = str(error).lower()
     with open(path, "rb") as f:
-        broken_zip = f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)  # no central directory
-    return broken_zip or isinstance(error, EOFError) or any(
+        head = f.read(4)
+    broken_zip = head == ZIP_SIGNATURE and not zipfile.is_zipfile(path)  # no central directory
+    return broken_zip or not head.startswith((ZIP_SIGNATURE, b"\x80")) or isinstance(error, EOFError) or any(
         s in text for s in ("truncated", "central directory", "zip archive", "magic number", "corrupt"))
+
+
+def check_zip_checksums(path: Path) -> None:
+    """Refuse a torch.save zip whose bytes changed after it was written. torch.load does not check the CRC-32
+    that the zip stores for every part, so a flipped bit in a tensor would load silently as a wrong weight;
+    reading the file once more costs about a second per gigabyte. Parts stored without a checksum pass."""
+    bad = None
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC or not info.file_size:
+                    with z.open(info) as part:  # raises at the end of a part whose checksum differs
+                        while part.read(1 << 24):
+                            pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as e:
+        bad = e
+    if bad is not None:
+        raise CheckpointError(f"cannot read {path}: the file is truncated, corrupt or not written by torch.save "
+                              f"({_reason(bad)})") from bad
 
 
 def _unreadable(path: Path, error: BaseException, what: str) -> CheckpointError:
@@ -111,7 +136,11 @@ def _unreadable(path: Path, error: BaseException, what: str) -> CheckpointError:
 
 
 def _read_pickle(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, then the restricted reader if only a global was refused."""
+    """``torch.load(weights_only=True)``, then the restricted reader if only a global was refused; a zip
+    (what torch.save writes) is checked against its checksums first."""
+    with open(path, "rb") as f:
+        if f.read(4) == ZIP_SIGNATURE:
+            check_zip_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -190,6 +219,18 @@ def load_into(
             lines.append(f"  {len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:8]))
         raise CheckpointError("\n".join(lines))
     module.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
+
+
+def check_shapes(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict with tensors of other shapes than `module`'s under the same names (missing or extra
+    keys are left to the loader, which may convert them): a resumed run checks its checkpoint with this before
+    it touches the run folder, instead of failing inside Lightning's loading."""
+    own = module.state_dict()
+    shape = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in {type(module).__name__}"
+             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shape:
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: {len(shape)} shape mismatch(es): "
+                              + "; ".join(shape[:5]))
 
 
 def export_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

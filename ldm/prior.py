@@ -29,7 +29,17 @@ from ldm.distributed import draw_local, gather_global, step_generator
 from ldm.ema import EMA
 from ldm.masks import check_mask
 from ldm.sampler_options import Mode, SamplerOptions
-from ldm.util import accepted_parameters, get_obj_from_str, instantiate_from_config
+from ldm.util import (
+    ConfigError,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    accepted_parameters,
+    check_config,
+    instantiate_from_config,
+)
 
 # what a batch from a latent cache holds, by latent kind
 CACHE_KEYS = {"tokens": ("tokens",), "continuous": ("latent", "posterior_mean")}
@@ -41,11 +51,14 @@ def frozen_first_stage_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The first stage's config with its training loss replaced by `torch.nn.Identity`.
 
     A frozen first stage never trains: no LPIPS network, no discriminator, nothing downloaded and
-    nothing of them stored in the prior's checkpoint, whatever `lossconfig` the config names.
+    nothing of them stored in the prior's checkpoint. A `lossconfig` the config names is still checked
+    (keys, target, parameters) as any node is: a mistake there is one, even where it is not built.
     """
+    target = check_config(config, key="first_stage_config")
     config = {**config, "params": dict(config.get("params") or {})}
-    target = get_obj_from_str(config.get("target"), key="first_stage_config.target")
     if "lossconfig" in accepted_parameters(target)[0]:
+        if config["params"].get("lossconfig") is not None:
+            check_config(config["params"]["lossconfig"], key="first_stage_config.params.lossconfig")
         config["params"]["lossconfig"] = {"target": "torch.nn.Identity"}
     return config
 
@@ -64,16 +77,16 @@ class LatentPrior(pl.LightningModule):
         latent_shape: Sequence[int] | None = None,
         image_key: str = "image",
         cond_key: str = "class_label",
-        num_classes: int | None = None,
-        cond_drop_prob: float = 0.0,
-        scale_factor: float = 1.0,
+        num_classes: PositiveInt | None = None,
+        cond_drop_prob: Fraction = 0.0,
+        scale_factor: PositiveFloat = 1.0,
         scale_by_std: bool = False,
         posterior: Literal["sample", "mode"] = "sample",
         use_ema: bool = True,
-        ema_decay: float = 0.9999,
-        weight_decay: float = 0.0,
-        betas: Sequence[float] = (0.9, 0.95),
-        warmup_steps: int = 0,
+        ema_decay: Fraction = 0.9999,
+        weight_decay: NonNegativeFloat = 0.0,
+        betas: Sequence[Fraction] = (0.9, 0.95),
+        warmup_steps: NonNegativeInt = 0,
         monitor: str | None = "val/loss",
         log_sample_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -143,7 +156,7 @@ class LatentPrior(pl.LightningModule):
         try:  # the config's sampling settings fail now, not at the first logged image
             self.check_sampler_options(self.log_sample_kwargs)
         except ValueError as e:
-            raise ValueError(f"log_sample_kwargs: {e}") from None
+            raise ConfigError("log_sample_kwargs", str(e)) from None
 
     def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook: map an original repository's key layout onto this prior's (identity by default)."""

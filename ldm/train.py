@@ -10,17 +10,28 @@ import datetime
 import difflib
 import glob
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.run_folder import RUN_DIR_ENV, RunLock, claim_new_folder, is_launched_rank, remove_stale_temporaries
-from ldm.util import ConfigError, allow_targets, check_params, instantiate_from_config
+from ldm.util import (
+    Bounds,
+    ConfigError,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    allow_targets,
+    check_params,
+    check_types,
+    instantiate_from_config,
+)
 
 CONFIG_SECTIONS = ("model", "data", "lightning")
 # Lightning's DDP launcher starts ranks > 0 by running this script again, seconds later: they take the
@@ -140,6 +151,8 @@ def load_config(base: list[str], overrides: list[str]) -> DictConfig:
         raise ConfigError(stray[0], f"unknown top-level section; a config has {', '.join(CONFIG_SECTIONS)}")
     if "model" not in config:
         raise ConfigError("model", "missing: every config needs a model section")
+    if isinstance(config.model, Mapping):
+        check_types({"base_learning_rate": PositiveFloat}, config.model, "model")
     return config
 
 
@@ -192,7 +205,39 @@ def trainer_kwargs_from(opt: argparse.Namespace, lightning_config: DictConfig) -
                 value = int(value)
             trainer_cfg[flag] = value
     check_params(pl.Trainer, trainer_cfg, "lightning.trainer", nested=False)
+    check_types(TRAINER_BOUNDS, trainer_cfg, "lightning.trainer")
+    check_trainer(trainer_cfg)
     return trainer_cfg
+
+
+# Trainer arguments whose out-of-range values Lightning takes without complaint (-1 steps between logs, ...);
+# the others it checks itself, in check_trainer.
+TRAINER_BOUNDS = {"log_every_n_steps": NonNegativeInt, "accumulate_grad_batches": PositiveInt,
+                  "check_val_every_n_epoch": PositiveInt | None, "num_sanity_val_steps": Annotated[int, Bounds(ge=-1)],
+                  "gradient_clip_val": Annotated[float, Bounds(ge=0)] | None}
+
+
+def check_trainer(trainer_cfg: dict[str, Any]) -> None:
+    """Lightning's own checks of the Trainer arguments (a precision, strategy or `val_check_interval` it does not
+    know), run now on a throwaway Trainer without loggers or callbacks, before a run folder exists; its messages
+    and warnings are kept for the real one."""
+    import logging
+    import warnings
+
+    import pytorch_lightning as pl
+
+    quiet = {**trainer_cfg, "logger": False, "callbacks": [], "enable_checkpointing": False}
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(**quiet)
+    except (ValueError, TypeError, pl.utilities.exceptions.MisconfigurationException) as e:
+        named = [k for k in trainer_cfg if re.search(rf"\b{k}\b", str(e), re.IGNORECASE)]
+        raise ConfigError("lightning.trainer" + (f".{named[0]}" if len(named) == 1 else ""), str(e)) from e
+    finally:
+        logging.disable(previous)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -277,7 +322,10 @@ def take_run_folder(paths: RunPaths, resume: bool) -> RunPaths:
 def user_callbacks(lightning_config: DictConfig) -> list[Any]:
     """`lightning.callbacks`, built before the run folder is made (a bad one then leaves nothing behind)."""
     user = OmegaConf.to_container(lightning_config.get("callbacks", OmegaConf.create()), resolve=True)
-    return [instantiate_from_config(cfg, key=f"lightning.callbacks.{name}") for name, cfg in user.items()]
+    from pytorch_lightning import Callback
+
+    return [instantiate_from_config(cfg, key=f"lightning.callbacks.{name}", expected=Callback)
+            for name, cfg in user.items()]
 
 
 def build_callbacks(paths: RunPaths, config: DictConfig, lightning_config: DictConfig, model: Any, resume: bool,
@@ -328,10 +376,12 @@ def train(argv: list[str] | None = None) -> int:
     import pytorch_lightning as pl
 
     from ldm.callbacks import AtomicCheckpointIO, SignalCheckpoint
-    from ldm.checkpoint import read_checkpoint
+    from ldm.checkpoint import CheckpointError, check_shapes, read_checkpoint, state_dict_in
     from ldm.loggers import run_loggers
 
-    pl.seed_everything(opt.seed, workers=True)
+    # quietly: Lightning announces the seed on stderr, which holds only errors (ldm.cli); stdout gets it
+    pl.seed_everything(opt.seed, workers=True, verbose=False)
+    print(f"Seed set to {opt.seed}")
     # Lightning's DDP reseeds every rank from PL_GLOBAL_SEED as training starts; one process does not.
     # Every rank runs this same seeding and model construction, so their random streams already agree:
     # without the reseed they continue exactly as a single process's does (same restarts, same noise).
@@ -342,18 +392,26 @@ def train(argv: list[str] | None = None) -> int:
     trainer_cfg = trainer_kwargs_from(opt, lightning_config)
     lightning_config.trainer = trainer_cfg
 
-    model = instantiate_from_config(config.model, key="model")
-    data = instantiate_from_config(config.data, key="data") if "data" in config else None
+    model = instantiate_from_config(config.model, key="model", expected=pl.LightningModule)
+    data = instantiate_from_config(config.data, key="data", expected=pl.LightningDataModule) if "data" in config else None
     if data is None:
         raise ConfigError("data", "missing: training needs a data section")
+    splits = getattr(data, "configs", None)  # DataModuleFromConfig's
+    if opt.train and splits is not None and "train" not in splits:
+        raise ConfigError("data.params.train", "missing: training needs a train split")
     scale_learning_rate(model, config, trainer_cfg, opt.scale_lr)
     resolve_strategy(trainer_cfg, model)
     lightning_config.trainer = trainer_cfg
 
     extra = user_callbacks(lightning_config)
     resume_step = None
-    if paths.resume_ckpt:
-        resume_step = int(read_checkpoint(paths.resume_ckpt).get("global_step", 0))
+    if paths.resume_ckpt:  # a checkpoint that cannot resume this model is refused before the folder is touched
+        resumed = read_checkpoint(paths.resume_ckpt)
+        if not isinstance(resumed, Mapping) or not isinstance(resumed.get("state_dict"), Mapping):
+            raise CheckpointError(f"{paths.resume_ckpt} is not a training checkpoint written by main.py "
+                                  "(it has no state_dict); -r resumes runs of this project")
+        check_shapes(model, state_dict_in(resumed, paths.resume_ckpt), paths.resume_ckpt)
+        resume_step = int(resumed.get("global_step", 0))
     if opt.train or paths.resume_ckpt:
         paths = take_run_folder(paths, resume=bool(opt.resume))
     loggers = run_loggers(paths.logdir, resume_step)

@@ -14,7 +14,8 @@ import types
 import typing
 from collections import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 
@@ -33,6 +34,40 @@ class ConfigError(ValueError):
 
     def under(self, prefix: str) -> ConfigError:
         return ConfigError(f"{prefix}.{self.key}", self.detail)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a config value must lie in, attached to a constructor's annotation
+    (`n_embed: Annotated[int, Bounds(ge=1)]`, or an alias below), so it is checked with the types,
+    before anything is built: `model.params.n_embed: expected an integer >= 1, got -256 (int)`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: Any) -> bool:
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+        return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}" if high else "any"
+
+
+# Annotations for the numbers configs set: sizes and counts, step indices and counts where 0 means none,
+# loss weights and thresholds, rates that must be positive, decays and probabilities below 1.
+PositiveInt = Annotated[int, Bounds(ge=1)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+NonNegativeFloat = Annotated[float, Bounds(ge=0)]
+PositiveFloat = Annotated[float, Bounds(gt=0)]
+Fraction = Annotated[float, Bounds(ge=0, lt=1)]
 
 
 def _to_plain(config: Any) -> Any:
@@ -107,19 +142,40 @@ def get_obj_from_str(string: str, key: str = "target") -> Any:
     return getattr(module, attr)
 
 
+def _takes_kwargs(fn: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+def _forwards_to(cls: Any) -> list[Any]:
+    """`cls`, then the project base classes its `**kwargs` reach (`def __init__(self, a, **kw)` that calls
+    `super().__init__(**kw)`), so their parameters count as its own; stops at a class outside the project."""
+    chain = [cls]
+    if not inspect.isclass(cls):
+        return chain
+    for base in cls.__mro__[1:]:
+        if "__init__" not in vars(base):
+            continue  # its constructor is the next class's
+        if not _takes_kwargs(chain[-1]) or base.__module__.split(".")[0] not in PROJECT_PACKAGES:
+            break
+        chain.append(base)
+    return chain
+
+
 def accepted_parameters(cls: Any) -> tuple[list[str], list[str], bool]:
-    """(all parameter names, required names, accepts **kwargs) of a callable's signature."""
-    sig = inspect.signature(cls)
+    """(all parameter names, required names, accepts any **kwargs) of a callable's signature; a project class
+    whose `**kwargs` go to its base class's constructor accepts the base's parameters, and no others."""
     names, required, var_kw = [], [], False
-    for p in sig.parameters.values():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            var_kw = True
-        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
-            continue
-        else:
-            names.append(p.name)
-            if p.default is inspect.Parameter.empty:
-                required.append(p.name)
+    for i, fn in enumerate(_forwards_to(cls)):
+        var_kw = False
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                var_kw = True
+            elif p.kind is inspect.Parameter.VAR_POSITIONAL or p.name in names:
+                continue
+            else:
+                names.append(p.name)
+                if p.default is inspect.Parameter.empty and i == 0:
+                    required.append(p.name)
     return names, required, var_kw
 
 
@@ -139,7 +195,7 @@ def check_params(cls: Any, params: Mapping[str, Any], key: str, provided: tuple[
     unknown or missing name, or a value of the wrong type. `nested`: the parameters sit under
     `<key>.params` (a `{target, params}` node), else directly under `key` (e.g. `lightning.trainer`)."""
     names, required, var_kw = accepted_parameters(cls)
-    qual = f"{cls.__module__}.{getattr(cls, '__qualname__', cls)}"
+    qual = _qualified(cls)
     where = f"{key}.params" if nested else key
     unknown = [] if var_kw else _unknown(names, params)
     if unknown:
@@ -161,17 +217,26 @@ def check_nested(params: Mapping[str, Any], readers: Iterable[Any], key: str) ->
         who = " and ".join(r.__name__ for r in readers)
         raise ConfigError(key, f"{who} do not read {', '.join(unknown)}; keys they read: {', '.join(names)}")
     for r in readers:
+        missing = [m for m in accepted_parameters(r)[1] if m not in params]
+        if missing:
+            raise ConfigError(key, f"{r.__name__} needs {', '.join(repr(m) for m in missing)}; keys it reads: "
+                                   f"{', '.join(accepted_parameters(r)[0])}")
+    for r in readers:
         hints = type_hints(r)
         check_types(hints, {k: v for k, v in params.items() if k in hints}, key)
 
 
 def type_hints(cls: Any) -> dict[str, Any]:
-    """The resolved annotations of a class's `__init__` (or a function's); {} where they cannot be resolved."""
-    fn = cls.__init__ if inspect.isclass(cls) else cls
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # annotations naming what the module does not import at run time
-        return {}
+    """The resolved annotations of a class's `__init__` (with those of the base classes its `**kwargs` reach)
+    or a function's, `Annotated` bounds kept; {} where they cannot be resolved."""
+    hints: dict[str, Any] = {}
+    for c in reversed(_forwards_to(cls)):
+        fn = c.__init__ if inspect.isclass(c) else c
+        try:
+            hints.update(typing.get_type_hints(fn, include_extras=True))
+        except Exception:  # annotations naming what the module does not import at run time
+            pass
+    return hints
 
 
 def check_types(hints: Mapping[str, Any], params: Mapping[str, Any], where: str) -> None:
@@ -186,6 +251,10 @@ def check_types(hints: Mapping[str, Any], params: Mapping[str, Any], where: str)
 
 def _matches(hint: Any, value: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        bounds = [b for b in hint.__metadata__ if isinstance(b, Bounds)]
+        return _matches(hint.__origin__, value) and all(
+            b.contains(value) for b in bounds if isinstance(value, (int, float)) and not isinstance(value, bool))
     if origin in (typing.Union, types.UnionType):
         return any(_matches(a, value) for a in args)
     if origin is typing.Literal:
@@ -214,6 +283,8 @@ def _matches(hint: Any, value: Any) -> bool:
 
 def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return " ".join([_describe(hint.__origin__), *(str(b) for b in hint.__metadata__ if isinstance(b, Bounds))])
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is typing.Literal:
@@ -228,13 +299,11 @@ def _describe(hint: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def instantiate_from_config(config: Any, key: str = "config", **extra: Any) -> Any:
-    """Build `config.target(**config.params, **extra)`; bad targets or parameters name `key`.
-
-    Nested configs built inside a constructor should pass their own key
-    (``instantiate_from_config(lossconfig, key="lossconfig")``); the error then
-    carries the full path, e.g. ``model.params.lossconfig.params.disc_weight``.
-    """
+def check_config(config: Any, key: str = "config", expected: type | None = None,
+                 provided: tuple[str, ...] = ()) -> Any:
+    """The class a `{target, params}` node builds, after every check that needs no building: its keys, the
+    target (allowed, importable, a class, a subclass of `expected`), the parameters' names and types.
+    Nodes built later (a data module's splits) are checked with it up front."""
     config = _to_plain(config)
     if not isinstance(config, Mapping):
         raise ConfigError(key, f"expected a mapping with 'target' and 'params', got {type(config).__name__}")
@@ -246,17 +315,55 @@ def instantiate_from_config(config: Any, key: str = "config", **extra: Any) -> A
     if stray:
         raise ConfigError(key, f"unexpected key(s) {', '.join(map(repr, stray))}; a node has 'target' and 'params'")
     cls = get_obj_from_str(config["target"], key=f"{key}.target")
-    params = dict(config.get("params") or {})
     if not inspect.isclass(cls) and config["target"] not in _factories:
         raise ConfigError(f"{key}.target", f"{config['target']!r} is a {type(cls).__name__}, not a class: configs "
                                            "build classes (and functions registered with "
                                            "ldm.util.register_factory)")
+    if expected is not None and not (inspect.isclass(cls) and issubclass(cls, expected)):
+        raise ConfigError(f"{key}.target", f"{config['target']!r} is not a {expected.__name__} ({_qualified(expected)}), "
+                                           f"which {key} must build")
+    params = config.get("params")
+    if params is not None and not isinstance(params, Mapping):
+        raise ConfigError(f"{key}.params", f"expected a mapping of parameter names to values, got {params!r}")
     if inspect.isclass(cls) or inspect.isfunction(cls):
-        check_params(cls, params, key, provided=tuple(extra))
+        check_params(cls, dict(params or {}), key, provided=provided)
+    return cls
+
+
+# What a constructor raises about the values it was given. Only while building from a config are these read
+# as the config's fault and reported with the node's key (ldm.cli prints them as one line); torch's own
+# RuntimeErrors (a tensor of a negative size) count, a NotImplementedError or running out of memory does not.
+_CONSTRUCTION_ERRORS = (ValueError, TypeError, RuntimeError)
+_NOT_CONSTRUCTION_ERRORS = (NotImplementedError, RecursionError, torch.cuda.OutOfMemoryError)
+
+
+def instantiate_from_config(config: Any, key: str = "config", expected: type | None = None, **extra: Any) -> Any:
+    """Build `config.target(**config.params, **extra)`; bad targets or parameters name `key`.
+
+    Nested configs built inside a constructor should pass their own key
+    (``instantiate_from_config(lossconfig, key="lossconfig")``); the error then
+    carries the full path, e.g. ``model.params.lossconfig.params.disc_weight``. A constructor's
+    ValueError, TypeError or RuntimeError becomes a ConfigError naming `key` too (the original chained).
+    """
+    from ldm.checkpoint import CheckpointError
+
+    cls = check_config(config, key, expected, provided=tuple(extra))
+    params = dict(_to_plain(config).get("params") or {})
     try:
         return cls(**params, **extra)
     except ConfigError as e:
         raise e.under(f"{key}.params") from None
+    except CheckpointError:
+        raise  # names its file
+    except _NOT_CONSTRUCTION_ERRORS:
+        raise
+    except _CONSTRUCTION_ERRORS as e:
+        what = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"{key}.params", f"{_qualified(cls)} cannot be built from these parameters: {what}") from e
+
+
+def _qualified(cls: Any) -> str:
+    return f"{cls.__module__}.{getattr(cls, '__qualname__', cls)}"
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

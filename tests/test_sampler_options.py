@@ -82,9 +82,11 @@ def test_guidance_needs_a_conditional_prior():
 
 def test_config_sampling_settings_are_checked_at_construction():
     assert refused(build, **{"model.params.log_sample_kwargs": {"steps": 0}}) == \
-        "log_sample_kwargs: steps must be an integer in 1..16 or None, got 0"
+        "model.params.log_sample_kwargs: steps must be an integer in 1..16 or None, got 0"
     assert refused(build, **{"model.params.sample_steps": 0}) == \
-        "sample_steps must be in 1..16 (num_timesteps) or None, got 0"
+        "model.params.sample_steps: expected an integer >= 1 or null, got 0 (int)"
+    assert refused(build, **{"model.params.sample_steps": 17}) == "model.params: absorbing.model.AbsorbingPrior cannot " \
+        "be built from these parameters: sample_steps must be in 1..16 (num_timesteps) or None, got 17"
 
 
 def test_declaration_is_introspectable(prior):

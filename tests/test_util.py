@@ -81,9 +81,9 @@ def test_first_stage_ddconfig_keys_and_types_are_checked():
     vq["params"]["ddconfig"]["z_channels"] = "sixteen"
     with pytest.raises(ConfigError) as e:
         instantiate_from_config(vq, key="model")
-    assert str(e.value) == "model.params.ddconfig.z_channels: expected an integer, got 'sixteen' (str)"
+    assert str(e.value) == "model.params.ddconfig.z_channels: expected an integer >= 1, got 'sixteen' (str)"
     vq["params"]["ddconfig"]["z_channels"] = 16
     vq["params"]["n_embed"] = "abc"
     with pytest.raises(ConfigError) as e:
         instantiate_from_config(vq, key="model")
-    assert str(e.value) == "model.params.n_embed: expected an integer, got 'abc' (str)"
+    assert str(e.value) == "model.params.n_embed: expected an integer >= 1, got 'abc' (str)"

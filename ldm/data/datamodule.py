@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.data.skipped import collate_good
-from ldm.util import instantiate_from_config
+from ldm.util import NonNegativeInt, PositiveInt, check_config, instantiate_from_config
 
 SPLITS = ("train", "validation", "test")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
@@ -109,16 +109,18 @@ class DataModuleFromConfig(pl.LightningDataModule):
     Items a data set skips (`ldm.data.skipped`: unreadable images) are dropped from their batch.
     """
 
-    def __init__(self, batch_size: int, train: Mapping[str, Any] | None = None,
+    def __init__(self, batch_size: PositiveInt, train: Mapping[str, Any] | None = None,
                  validation: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
-                 num_workers: int | None = None, shuffle_val: bool = False, pin_memory: bool = False,
-                 drop_last: bool = True, seed: int = 0, eval_batch_size: int | None = None):
+                 num_workers: NonNegativeInt | None = None, shuffle_val: bool = False, pin_memory: bool = False,
+                 drop_last: bool = True, seed: int = 0, eval_batch_size: PositiveInt | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.configs = {k: v for k, v in zip(SPLITS, (train, validation, test), strict=True) if v is not None}
+        for split, config in self.configs.items():  # built later, in setup: checked now, before any run starts
+            check_config(config, split, expected=Dataset)
         self.num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
         self.shuffle_val, self.pin_memory, self.drop_last, self.seed = shuffle_val, pin_memory, drop_last, seed
         self.datasets: dict[str, Dataset] = {}

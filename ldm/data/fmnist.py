@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ldm.util import NonNegativeInt, PositiveInt
+
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 CACHE_ROOT = Path.home() / ".cache" / "latent-priors" / "fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -68,9 +70,9 @@ class FashionMNIST(Dataset):
 
     class_names = CLASS_NAMES
 
-    def __init__(self, split: Literal["train", "validation", "test"] = "train", size: int = 32,
+    def __init__(self, split: Literal["train", "validation", "test"] = "train", size: PositiveInt = 32,
                  resize_mode: Literal["pad", "resize"] = "pad", root: str | None = None, download: bool = True,
-                 val_size: int = 5000, flip: bool = False, limit: int | None = None):
+                 val_size: NonNegativeInt = 5000, flip: bool = False, limit: PositiveInt | None = None):
         if split not in ("train", "validation", "test"):
             raise ValueError(f"split must be train, validation or test; got {split!r}")
         if resize_mode not in ("pad", "resize"):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.util import NonNegativeFloat, NonNegativeInt, PositiveInt
+
 DiscLoss = Literal["hinge", "vanilla"]
 PixelLoss = Literal["l1", "l2"]
 
@@ -233,11 +235,12 @@ class _AdversarialLoss(nn.Module):
 class VQLPIPSWithDiscriminator(_AdversarialLoss):
     """VQGAN loss: L1/L2 (+ LPIPS) + codebook/commitment + adaptive-weighted PatchGAN term."""
 
-    def __init__(self, disc_start: int, codebook_weight: float = 1.0, pixelloss_weight: float = 1.0,
-                 disc_num_layers: int = 3, disc_in_channels: int = 3, disc_factor: float = 1.0,
-                 disc_weight: float = 1.0, perceptual_weight: float = 1.0, use_actnorm: bool = False,
-                 disc_conditional: bool = False, disc_ndf: int = 64, disc_loss: DiscLoss = "hinge",
-                 pixel_loss: PixelLoss = "l1", diffaug_policy: str | None = None):
+    def __init__(self, disc_start: NonNegativeInt, codebook_weight: NonNegativeFloat = 1.0,
+                 pixelloss_weight: NonNegativeFloat = 1.0, disc_num_layers: NonNegativeInt = 3,
+                 disc_in_channels: PositiveInt = 3, disc_factor: NonNegativeFloat = 1.0,
+                 disc_weight: NonNegativeFloat = 1.0, perceptual_weight: NonNegativeFloat = 1.0,
+                 use_actnorm: bool = False, disc_conditional: bool = False, disc_ndf: PositiveInt = 64,
+                 disc_loss: DiscLoss = "hinge", pixel_loss: PixelLoss = "l1", diffaug_policy: str | None = None):
         super().__init__(disc_start, pixelloss_weight, disc_num_layers, disc_in_channels, disc_factor, disc_weight,
                          perceptual_weight, use_actnorm, disc_conditional, disc_ndf, disc_loss, pixel_loss, diffaug_policy)
         self.codebook_weight = codebook_weight
@@ -261,10 +264,11 @@ class VQLPIPSWithDiscriminator(_AdversarialLoss):
 class LPIPSWithDiscriminator(_AdversarialLoss):
     """KL-autoencoder loss: Gaussian NLL with a learned scalar log-variance + KL + PatchGAN term."""
 
-    def __init__(self, disc_start: int, logvar_init: float = 0.0, kl_weight: float = 1.0,
-                 pixelloss_weight: float = 1.0, disc_num_layers: int = 3, disc_in_channels: int = 3,
-                 disc_factor: float = 1.0, disc_weight: float = 1.0, perceptual_weight: float = 1.0,
-                 use_actnorm: bool = False, disc_conditional: bool = False, disc_ndf: int = 64,
+    def __init__(self, disc_start: NonNegativeInt, logvar_init: float = 0.0, kl_weight: NonNegativeFloat = 1.0,
+                 pixelloss_weight: NonNegativeFloat = 1.0, disc_num_layers: NonNegativeInt = 3,
+                 disc_in_channels: PositiveInt = 3, disc_factor: NonNegativeFloat = 1.0,
+                 disc_weight: NonNegativeFloat = 1.0, perceptual_weight: NonNegativeFloat = 1.0,
+                 use_actnorm: bool = False, disc_conditional: bool = False, disc_ndf: PositiveInt = 64,
                  disc_loss: DiscLoss = "hinge", pixel_loss: PixelLoss = "l1", diffaug_policy: str | None = None):
         super().__init__(disc_start, pixelloss_weight, disc_num_layers, disc_in_channels, disc_factor, disc_weight,
                          perceptual_weight, use_actnorm, disc_conditional, disc_ndf, disc_loss, pixel_loss, diffaug_policy)

@@ -21,7 +21,7 @@ from ldm.ema import EMA
 from ldm.first_stage.distributions import DiagonalGaussianDistribution
 from ldm.first_stage.modules import Decoder, Encoder
 from ldm.first_stage.quantize import VectorQuantizer
-from ldm.util import check_nested, instantiate_from_config
+from ldm.util import Fraction, NonNegativeFloat, PositiveInt, check_nested, instantiate_from_config
 
 TRAINING_ONLY = ("loss.",)  # discriminator / perceptual net: absent from inference checkpoints
 # averaged by the EMA (the loss is not): their parameter names are the LitEma keys of the anchors
@@ -42,9 +42,9 @@ class FirstStageModel(pl.LightningModule):
     # parameters: DDP must look for unused ones (ldm.train.resolve_strategy)
     ddp_find_unused_parameters = True
 
-    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: PositiveInt,
                  image_key: str = "image", monitor: str | None = None, use_ema: bool = False,
-                 ema_decay: float = 0.9999):
+                 ema_decay: Fraction = 0.9999):
         super().__init__()
         self.automatic_optimization = False  # generator and discriminator steps by hand (Lightning 2)
         self.ddconfig = dict(ddconfig)
@@ -211,13 +211,13 @@ class VQModel(FirstStageModel):
     latent_kinds = ("tokens", "continuous")
     latent_kind = "tokens"
 
-    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
-                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
-                 monitor: str | None = None, remap: str | None = None, sane_index_shape: bool = False,
-                 beta: float = 0.25, legacy: bool = True, ema_update: bool = False, decay: float = 0.99,
-                 init_from_data: bool = False, restart_dead_codes: bool = False, dead_threshold: float = 1.0,
-                 l2_normalize: bool = False, codebook_dim: int | None = None, use_ema: bool = False,
-                 ema_decay: float = 0.9999):
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: PositiveInt,
+                 embed_dim: PositiveInt, ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
+                 image_key: str = "image", monitor: str | None = None, remap: str | None = None,
+                 sane_index_shape: bool = False, beta: NonNegativeFloat = 0.25, legacy: bool = True,
+                 ema_update: bool = False, decay: Fraction = 0.99, init_from_data: bool = False,
+                 restart_dead_codes: bool = False, dead_threshold: NonNegativeFloat = 1.0, l2_normalize: bool = False,
+                 codebook_dim: PositiveInt | None = None, use_ema: bool = False, ema_decay: Fraction = 0.9999):
         super().__init__(ddconfig, lossconfig, embed_dim, image_key, monitor, use_ema, ema_decay)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape,
                                         legacy=legacy, ema_update=ema_update, decay=decay, init_from_data=init_from_data,
@@ -318,9 +318,9 @@ class AutoencoderKL(FirstStageModel):
     latent_kinds = ("continuous",)
     latent_kind = "continuous"
 
-    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: PositiveInt,
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
-                 monitor: str | None = None, use_ema: bool = False, ema_decay: float = 0.9999):
+                 monitor: str | None = None, use_ema: bool = False, ema_decay: Fraction = 0.9999):
         super().__init__(ddconfig, lossconfig, embed_dim, image_key, monitor, use_ema, ema_decay)
         if not self.ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder predicts mean and log-variance)")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.util import Fraction, NonNegativeInt, PositiveInt
+
 # ddconfig keys the anchors pass to both classes that one of them does not use.
 _ANCHOR_KEYS = frozenset({"ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
                           "resamp_with_conv", "in_channels", "resolution", "z_channels", "double_z",
@@ -174,11 +176,11 @@ class Encoder(nn.Module):
     f = 2**(len(ch_mult) - 1). Levels `down[i]` hold `num_res_blocks` ResnetBlocks (plus an AttnBlock
     after each where the resolution is in `attn_resolutions`), then a Downsample except the last."""
 
-    def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
-                 attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 out_ch: int | None = None, use_linear_attn: bool = False, attn_type: str = "vanilla",
-                 **ignore: Any):
+    def __init__(self, *, ch: PositiveInt, ch_mult: Sequence[PositiveInt] = (1, 2, 4, 8),
+                 num_res_blocks: NonNegativeInt, attn_resolutions: Sequence[PositiveInt], dropout: Fraction = 0.0,
+                 resamp_with_conv: bool = True, in_channels: PositiveInt, resolution: PositiveInt,
+                 z_channels: PositiveInt, double_z: bool = True, out_ch: PositiveInt | None = None,
+                 use_linear_attn: bool = False, attn_type: str = "vanilla", **ignore: Any):
         super().__init__()
         _check_extra_keys("Encoder", ignore)
         attn_type = _attn_kind(attn_type, use_linear_attn)
@@ -230,11 +232,11 @@ class Decoder(nn.Module):
     """(B, z_channels, h, w) -> image (B, out_ch, h*f, w*f). `up[i]` is level i (the same resolution as
     the encoder's `down[i]`) with `num_res_blocks + 1` ResnetBlocks; the lowest resolution runs first."""
 
-    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
-                 attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
-                 in_channels: int | None = None, resolution: int, z_channels: int, give_pre_end: bool = False,
-                 tanh_out: bool = False, double_z: bool = True, use_linear_attn: bool = False,
-                 attn_type: str = "vanilla", **ignore: Any):
+    def __init__(self, *, ch: PositiveInt, out_ch: PositiveInt, ch_mult: Sequence[PositiveInt] = (1, 2, 4, 8),
+                 num_res_blocks: NonNegativeInt, attn_resolutions: Sequence[PositiveInt], dropout: Fraction = 0.0,
+                 resamp_with_conv: bool = True, in_channels: PositiveInt | None = None, resolution: PositiveInt,
+                 z_channels: PositiveInt, give_pre_end: bool = False, tanh_out: bool = False, double_z: bool = True,
+                 use_linear_attn: bool = False, attn_type: str = "vanilla", **ignore: Any):
         super().__init__()
         _check_extra_keys("Decoder", ignore)
         attn_type = _attn_kind(attn_type, use_linear_attn)

@@ -8,9 +8,18 @@ variants are available through `time_conditioning`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
-from x_transformers import Encoder, TransformerWrapper
+
+with warnings.catch_warnings():
+    # x_transformers decorates a function with torch.jit.script as it is imported, which torch 2.9 deprecates: a
+    # warning the user can do nothing about, on the stderr that otherwise holds only errors (ldm.cli)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from x_transformers import Encoder, TransformerWrapper
+
+from ldm.util import Fraction, NonNegativeInt, PositiveInt
 
 
 class TokenTransformer(nn.Module):
@@ -20,17 +29,17 @@ class TokenTransformer(nn.Module):
         self,
         vocab_size: int,
         seq_len: int,
-        dim: int = 256,
-        depth: int = 8,
-        heads: int = 8,
-        dim_head: int | None = None,
-        ff_mult: int = 4,
-        num_classes: int | None = None,
+        dim: PositiveInt = 256,
+        depth: PositiveInt = 8,
+        heads: PositiveInt = 8,
+        dim_head: PositiveInt | None = None,
+        ff_mult: PositiveInt = 4,
+        num_classes: PositiveInt | None = None,
         time_conditioning: bool = False,
-        num_timesteps: int | None = None,
-        extra_input_tokens: int = 1,
-        dropout: float = 0.0,
-        emb_dropout: float = 0.0,
+        num_timesteps: PositiveInt | None = None,
+        extra_input_tokens: NonNegativeInt = 1,
+        dropout: Fraction = 0.0,
+        emb_dropout: Fraction = 0.0,
     ):
         """`vocab_size` K output classes; inputs may use K + `extra_input_tokens` ids (the mask id K)."""
         super().__init__()

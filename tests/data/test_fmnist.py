@@ -5,7 +5,7 @@ import torch
 
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.fmnist import FashionMNIST, locate
-from ldm.util import ConfigError
+from ldm.util import ConfigError, instantiate_from_config
 
 
 def fmnist_available() -> bool:
@@ -51,10 +51,13 @@ def test_datamodule_from_config():
 
 
 def test_datamodule_bad_param_names_key():
+    """The splits are built lazily, in setup, but checked at construction: before a run folder exists."""
     bad = {"target": "ldm.data.fmnist.FashionMNIST", "params": {"splt": "test"}}
-    dm = DataModuleFromConfig(batch_size=8, train=bad, num_workers=0)
-    with pytest.raises(ConfigError, match=r"data.params.train.params: .*does not accept 'splt' \(did you mean 'split'\?\)"):
-        dm.setup()
+    with pytest.raises(ConfigError, match=r"^train.params: .*does not accept 'splt' \(did you mean 'split'\?\)"):
+        DataModuleFromConfig(batch_size=8, train=bad, num_workers=0)
+    with pytest.raises(ConfigError, match=r"^data.params.test.params.size: expected an integer >= 1, got -32 \(int\)"):
+        instantiate_from_config({"target": "ldm.data.datamodule.DataModuleFromConfig", "params": {
+            "batch_size": 8, "test": {**bad, "params": {"size": -32}}}}, key="data")
 
 
 def test_fitting_never_opens_the_test_split():
