@@ -2,7 +2,7 @@
 with an uninterrupted run of the same number of steps (they should match to ~1e-6 or better).
 
     python scripts/kill_resume_check.py --base configs/first_stage/fmnist_vq.yaml --steps 60 --kills 10 \
-        data.params.train.params.limit=640
+        data.params.train.params.limit=640 lightning.trainer.val_check_interval=10
     python scripts/kill_resume_check.py --base configs/test/first_stage_vq.yaml --steps 24 --kills 3
 
 Both runs train with `--max_steps <steps>` and a checkpoint every `--every` steps; each kill comes a
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, plus `overrides`: the `key.path=value` tokens both runs get."""
+    args, rest = build_parser().parse_known_args(argv)
+    bad = [r for r in rest if "=" not in r or r.startswith("-")]
+    if bad:
+        raise SystemExit(f"unrecognised argument(s) {bad}: overrides look like key.path=value")
+    args.overrides = rest
+    return args
+
+
 def main_command(args: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "main.py"), *args]
 
@@ -60,7 +70,7 @@ def last_step(logroot: Path) -> int:
 def run_folder(logroot: Path) -> Path:
     runs = [p for p in logroot.iterdir() if p.is_dir()]
     if len(runs) != 1:
-        raise RuntimeError(f"expected one run folder in {logroot}, found {runs}")
+        raise SystemExit(f"expected one run folder in {logroot}, found {runs}")
     return runs[0]
 
 
@@ -71,7 +81,7 @@ def train(args: list[str], log: Path) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
     if proc.wait() != 0:
-        raise RuntimeError(f"training failed with status {proc.returncode}; see {log}")
+        raise SystemExit(f"training failed with status {proc.returncode}; see {log}")
 
 
 def killed_run(fresh: list[str], logroot: Path, steps: int, kills: int, every: int, max_delay: float,
@@ -87,7 +97,7 @@ def killed_run(fresh: list[str], logroot: Path, steps: int, kills: int, every: i
     for target in targets:
         while last_step(logroot) < target:
             if proc.poll() is not None:
-                raise RuntimeError(f"training exited with {proc.returncode} before it was killed; see {log}")
+                raise SystemExit(f"training exited with {proc.returncode} before it was killed; see {log}")
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, max_delay))
         if proc.poll() is not None:
@@ -102,7 +112,7 @@ def killed_run(fresh: list[str], logroot: Path, steps: int, kills: int, every: i
 
 def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[str, float]:
     if a.keys() != b.keys():
-        raise RuntimeError(f"the runs' weights differ in keys: {sorted(a.keys() ^ b.keys())[:5]}")
+        raise SystemExit(f"the runs' weights differ in keys: {sorted(a.keys() ^ b.keys())[:5]}")
     diffs = {k: (a[k].double() - b[k].double()).abs().max().item() if a[k].is_floating_point() and a[k].numel()
              else float(not torch.equal(a[k], b[k])) for k in a}
     key = max(diffs, key=diffs.get)
@@ -110,14 +120,14 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
+    args = parse_args(argv)
     if args.steps < 1 or args.kills < 0 or args.every < 1:
         raise ValueError("--steps and --every must be >= 1 and --kills >= 0")
     if not os.path.isfile(args.base):
         raise FileNotFoundError(f"config not found: {args.base}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kill_resume_"))
     work.mkdir(parents=True, exist_ok=True)
-    common = [*overrides, f"lightning.checkpoint_every_n_steps={args.every}", "lightning.trainer.max_time=null"]
+    common = [*args.overrides, f"lightning.checkpoint_every_n_steps={args.every}", "lightning.trainer.max_time=null"]
 
     def fresh(logroot: Path) -> list[str]:
         return ["--base", args.base, "-t", "--no-test", "-l", str(logroot), "--max_steps", str(args.steps), *common]
