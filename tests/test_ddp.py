@@ -176,9 +176,10 @@ def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr: 
     """Assert two runs' weights agree up to float rounding; the largest differences found.
 
     Not bit-equal: DDP averages the ranks' gradients and sums their codebook statistics, the same
-    numbers added in another order (float32, ~1e-7 relative). Weights (2-D and up) must agree to
-    1e-5, the codebook and its EMA sums to 1e-5 of their largest entry (the "codebook" value
-    returned is relative to it). Vectors (biases, norm gains) may differ by up to Adam's bound, 2 lr per
+    numbers added in another order (float32, ~1e-7 relative). Weights (2-D and up) must agree to a
+    tenth of one step (lr / 10; measured: 5e-6 to 1.2e-5 at lr 4e-4, from the few entries whose
+    gradient is near zero, where Adam's normalisation magnifies rounding), the codebook and its EMA sums
+    to 1e-5 of their largest entry (the "codebook" value returned is relative to it). Vectors (biases, norm gains) may differ by up to Adam's bound, 2 lr per
     step: some get no gradient in exact arithmetic (a conv bias right before a GroupNorm with one
     channel per group, an attention key bias, which softmax ignores), so what they get is rounding
     noise, and Adam turns noise of either sign into a full step of lr. A real mismatch (data order,
@@ -197,7 +198,7 @@ def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr: 
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5 * max(scale, 1.0), msg=k)
             worst["codebook"] = max(worst["codebook"], d / max(scale, 1.0))
         elif a[k].dim() >= 2:
-            assert d < 1e-5, (k, d)
+            assert d < 0.1 * lr, (k, d)
             worst["weights"] = max(worst["weights"], d)
         else:
             assert d <= 2 * lr * steps, (k, d)
