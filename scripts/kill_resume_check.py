@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=2, help="checkpoint every N steps")
     p.add_argument("--max-delay", type=float, default=2.0, help="seconds after a checkpoint before a kill, at most")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--at", default=None, help="kill after the checkpoints of these steps (e.g. 8,16), not random ones")
     p.add_argument("--tolerance", type=float, default=1e-6)
     p.add_argument("--workdir", default=None, help="where the two runs go (default: a temporary folder)")
     return p
@@ -85,13 +86,13 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
 
 
 def killed_run(fresh: list[str], logroot: Path, steps: int, kills: int, every: int, max_delay: float,
-               rng: random.Random, log: Path) -> tuple[Path, list[int]]:
+               rng: random.Random, log: Path, at: list[int] | None = None) -> tuple[Path, list[int]]:
     """Train to `steps`, killed `kills` times; returns the run folder and the step each resume started at.
 
     The kills are spread over the run: each comes a random moment after the checkpoint of a randomly
     drawn step (distinct steps, so some kills land across epoch ends and validations)."""
     checkpoints = list(range(every, steps, every))
-    targets = sorted(rng.sample(checkpoints, min(kills, len(checkpoints))))
+    targets = sorted(at) if at else sorted(rng.sample(checkpoints, min(kills, len(checkpoints))))
     proc = train(fresh, log)
     resumed_from: list[int] = []
     for target in targets:
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     finish(train(fresh(work / "straight"), work / "straight.log"), work / "straight.log")
     print(f"run killed up to {args.kills} times in {work / 'killed'} ...", flush=True)
     killed, resumed_from = killed_run(fresh(work / "killed"), work / "killed", args.steps, args.kills, args.every,
-                                      args.max_delay, random.Random(args.seed), work / "killed.log")
+                                      args.max_delay, random.Random(args.seed), work / "killed.log",
+                                      [int(s) for s in args.at.split(",")] if args.at else None)
     a = read_checkpoint(run_folder(work / "straight") / "checkpoints" / "last.ckpt")
     b = read_checkpoint(killed / "checkpoints" / "last.ckpt")
     key, diff = largest_difference(a["state_dict"], b["state_dict"])
