@@ -153,17 +153,17 @@ class LatentPrior(pl.LightningModule):
 
     def check_networks_in(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         """Refuse, in one sentence, a state dict whose networks are another architecture's (say, another
-        prior's checkpoint): it holds keys under a network's name but none of that network's own."""
+        prior's checkpoint): it holds keys under a network's name, but not even half of that network's own."""
         from ldm.checkpoint import CheckpointError
 
         for name in self.network_names:
             theirs = {k for k in state if k.startswith(f"{name}.")}
             ours = {k for k in self.state_dict() if k.startswith(f"{name}.")}
-            if theirs and not theirs & ours:
+            if theirs and 2 * len(theirs & ours) < len(ours):
                 raise CheckpointError(
-                    f"{source} holds another network than {type(self).__name__}'s {name!r} (none of its {len(theirs)} "
-                    f"{name}.* keys, e.g. {sorted(theirs)[0]}, is one of this network's {len(ours)}): a checkpoint of "
-                    f"another prior or architecture? Use the config it was trained with")
+                    f"{source} holds another network than {type(self).__name__}'s {name!r} (only {len(theirs & ours)} "
+                    f"of its {len(theirs)} {name}.* keys, e.g. {sorted(theirs - ours)[0]}, are among this network's "
+                    f"{len(ours)}): a checkpoint of another prior or architecture? Use the config it was trained with")
 
     def optional_keys(self, state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
         """Key prefixes a checkpoint may lack: the first stage (it has its own `ckpt_path`) when the

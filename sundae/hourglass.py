@@ -356,6 +356,11 @@ class HourglassTransformer(nn.Module):
         ff_dropout: float = 0.0,
     ):
         super().__init__()
+        # the architecture without the map's size and vocabulary: a twin at another length (sundae.cost)
+        self.hparams = dict(dim=dim, depth=depth, shorten_factor=shorten_factor, heads=heads, dim_head=dim_head,
+                            ff_mult=ff_mult, attn_resampling=attn_resampling, resample_groups=resample_groups,
+                            rotary=rotary, rotary_mode=rotary_mode, rotary_emb_dim=rotary_emb_dim,
+                            num_classes=num_classes, attn_dropout=attn_dropout, ff_dropout=ff_dropout)
         if len(grid) != 2 or min(grid) < 1:
             raise ConfigError("grid", f"the token map is (h, w) with h, w >= 1, got {list(grid)}")
         if rotary_mode not in ("per_head", "original"):
