@@ -18,10 +18,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # (config, tokens (h, w), codes, dim, depth, unroll steps, sampling defaults, batch, lr, count by the formula)
 PAPER = {
     "ffhq256": ((16, 16), 1024, 1024, [2, 10, 2], 2,
-                dict(steps=100, temperature=0.8, end_temperature=0.8, proportion=0.5, end_proportion=0.5), 64, 3e-5,
+                dict(steps=100, temperature=0.8, end_temperature=None, proportion=0.5, end_proportion=None), 64, 3e-5,
                 178_430_032),
     "ffhq1024": ((32, 32), 8192, 1024, [2, 12, 2], 3,
-                 dict(steps=50, temperature=1.0, end_temperature=0.7, proportion=0.5, end_proportion=0.5), 10, 5e-6,
+                 dict(steps=50, temperature=1.0, end_temperature=0.7, proportion=0.5, end_proportion=None), 10, 5e-6,
                  214_109_264),
 }
 
