@@ -18,7 +18,7 @@ from sundae.sampling import sample
 
 # what the sampler does when neither the config's `sample_defaults` nor the call says otherwise
 SAMPLER_DEFAULTS: dict[str, Any] = {
-    "steps": 100, "temperature": 1.0, "end_temperature": None, "proportion": 0.5, "end_proportion": None,
+    "steps": 100, "temperature": 1.0, "end_temperature": None, "proportion": 1.0, "end_proportion": None,
     "min_steps": 10, "top_k": None, "top_p": None, "guidance_scale": 1.0,
 }
 

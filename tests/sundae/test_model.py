@@ -200,3 +200,19 @@ def test_original_checkpoint_loads_through_ckpt_path(tmp_path):
     corrected["model"]["params"]["network_config"]["params"]["rotary_mode"] = "per_head"
     with pytest.raises(ValueError, match="an original sundae-vqgan checkpoint needs the network it was trained with"):
         instantiate_from_config(corrected["model"], key="model")
+
+
+def test_declared_defaults_are_the_sampler_defaults():
+    """Without a config's sample_defaults, the prior samples with the sampler function's own defaults."""
+    import inspect
+
+    from sundae.model import SAMPLER_DEFAULTS, SundaePrior
+    from sundae.sampling import sample
+
+    signature = inspect.signature(sample).parameters
+    assert [o.name for o in SundaePrior.sampler_options] == list(SAMPLER_DEFAULTS)
+    for name, value in SAMPLER_DEFAULTS.items():
+        if name != "steps":  # the function takes steps as an argument
+            assert signature[name].default == value, name
+    assert build().sample_defaults == {**SAMPLER_DEFAULTS, "steps": 4, "end_temperature": 0.8, "proportion": 0.8,
+                                       "end_proportion": 0.5, "min_steps": 2}
