@@ -119,6 +119,19 @@ def test_bad_settings_are_clear_errors():
             model.sample(1, **{key: float(value) if "." in value else int(value)})
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.params.network_config.params.shorten_factor=9",
+     "model.params.network_config.params.shorten_factor: the 8x8 token map (64 tokens) at level 1 does not divide"),
+    ("model.params.codebook_size=32", "codebook_size: the first stage has a codebook of 16 codes"),
+    ("model.params.network_config.params.depth=[1,2]", "model.params.network_config.params.depth: a list has 1 or 3"),
+])
+def test_main_refuses_a_bad_setting_before_writing_anything(tmp_path, override, message):
+    with pytest.raises(ValueError) as e:
+        main(["--base", str(CFG), "-t", "-l", str(tmp_path / "logs"), override])
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
