@@ -105,7 +105,7 @@ class SundaePrior(LatentPrior):
     def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An original sundae-vqgan `HourglassTransformerLM` state dict (`transformer.*`, `token_emb.*`, the
         `net` of its checkpoints) maps onto this prior's network."""
-        if not any(k.startswith(("transformer.", "token_emb.")) for k in state):
+        if not {"token_emb.weight", "to_logits.weight"} <= set(state):  # not the original's top-level layout
             return state
         net = self.model
         if not isinstance(net, HourglassTransformer) or net.rotary_mode != "original" \
