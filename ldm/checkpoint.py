@@ -157,9 +157,13 @@ def _read_pickle(path: Path) -> Any:
 
 
 def state_dict_in(obj: Any, source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded checkpoint object: Lightning's ``state_dict`` entry, or the object itself."""
+    """The tensors of a loaded checkpoint object: Lightning's ``state_dict`` entry, ptpt's ``net``, or the
+    object itself."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("net"), Mapping) and \
+            not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = obj["net"]  # a ptpt trainer checkpoint (sundae-vqgan's): the network under "net"
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -241,7 +245,10 @@ def export_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLik
 
 def config_from_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The resolved config that `main.py` stores inside every checkpoint."""
-    obj = read_checkpoint(path)
+    return _stored_config(read_checkpoint(path), path)
+
+
+def _stored_config(obj: Any, path: str | os.PathLike) -> dict[str, Any]:
     config = obj.get("config") if isinstance(obj, Mapping) else None
     if not isinstance(config, Mapping) or "model" not in config:
         raise CheckpointError(
@@ -259,6 +266,17 @@ def _without_ckpt_paths(node: Any) -> Any:
     return node
 
 
+def check_config_matches(obj: Any, path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """A config given for a checkpoint that carries its own must build the same class (`model.target`)."""
+    stored = obj.get("config") if isinstance(obj, Mapping) else None
+    if not isinstance(stored, Mapping) or not isinstance(stored.get("model"), Mapping):
+        return
+    theirs, ours = stored["model"].get("target"), (config.get("model") or {}).get("target")
+    if theirs and ours and theirs != ours:
+        raise CheckpointError(f"{path} is a checkpoint of {theirs}, but the config given builds {ours}; give the "
+                              f"config it was trained with (or none: the checkpoint carries its own)")
+
+
 def instantiate_from_checkpoint(
     path: str | os.PathLike, config: Mapping[str, Any] | None = None, use_ema: bool = True,
     check_class: Callable[[type], None] | None = None,
@@ -272,11 +290,19 @@ def instantiate_from_checkpoint(
     """
     from ldm.util import get_obj_from_str, instantiate_from_config
 
-    config = dict(config) if config is not None else config_from_checkpoint(path)
+    obj = read_checkpoint(path)  # once: the config and the weights both come from it
+    if config is None:
+        config = _stored_config(obj, path)
+    else:
+        config = dict(config)
     if check_class is not None:
         check_class(get_obj_from_str((config.get("model") or {}).get("target"), key="model.target"))
+    check_config_matches(obj, path, config)
     model = instantiate_from_config(_without_ckpt_paths(config["model"]), key="model")
-    state = load_state_dict(path)
+    state = state_dict_in(obj, path)
+    del obj
+    if hasattr(model, "check_networks_in"):  # another prior's weights: one sentence, not a key listing
+        model.check_networks_in(state, str(path))
     training_only = ("loss.", "first_stage_model.loss.")
     load_into(model, state, source=str(path), allow_missing=("loss.",), allow_unexpected=training_only)
     if hasattr(model, "sync_ema_buffers"):

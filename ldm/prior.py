@@ -69,6 +69,7 @@ class LatentPrior(pl.LightningModule):
     latent_kind: Literal["tokens", "continuous"] = "tokens"  # what the prior models
     network_names: tuple[str, ...] = ("model",)  # the trained networks; EMA copies at `<name>_ema`
     sampler_options: SamplerOptions = SamplerOptions()  # what `sample` / `inpaint` accept (none by default)
+    likelihood_note: str | None = None  # why a prior without `nll_latents` has none, and what it reports instead
 
     def __init__(
         self,
@@ -146,6 +147,7 @@ class LatentPrior(pl.LightningModule):
             setattr(self, f"{name}_ema", EMA(getattr(self, name), decay=self.ema_decay) if self.use_ema else None)
         if ckpt_path:
             state = self.convert_checkpoint_state(drop_keys(load_state_dict(ckpt_path), ignore_keys))
+            self.check_networks_in(state, f"ckpt_path {ckpt_path}")
             load_into(self, state, source=str(ckpt_path), allow_missing=tuple(ignore_keys) + self.optional_keys(state),
                       allow_unexpected=FIRST_STAGE_TRAINING_KEYS)
             for name in self.network_names:  # a checkpoint without EMA copies: they start from its weights
@@ -161,6 +163,20 @@ class LatentPrior(pl.LightningModule):
     def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook: map an original repository's key layout onto this prior's (identity by default)."""
         return state
+
+    def check_networks_in(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Refuse, in one sentence, a state dict whose networks are another architecture's (say, another
+        prior's checkpoint): it holds keys under a network's name, but not even half of that network's own."""
+        from ldm.checkpoint import CheckpointError
+
+        for name in self.network_names:
+            theirs = {k for k in state if k.startswith(f"{name}.")}
+            ours = {k for k in self.state_dict() if k.startswith(f"{name}.")}
+            if theirs and 2 * len(theirs & ours) < len(ours):
+                raise CheckpointError(
+                    f"{source} holds another network than {type(self).__name__}'s {name!r} (only {len(theirs & ours)} "
+                    f"of its {len(theirs)} {name}.* keys, e.g. {sorted(theirs - ours)[0]}, are among this network's "
+                    f"{len(ours)}): a checkpoint of another prior or architecture? Use the config it was trained with")
 
     def optional_keys(self, state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
         """Key prefixes a checkpoint may lack: the first stage (it has its own `ckpt_path`) when the
@@ -290,7 +306,13 @@ class LatentPrior(pl.LightningModule):
         raise NotImplementedError
 
     def nll_latents(self, latents: torch.Tensor, cond: Cond, ema: bool = True, **kw: Any) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no likelihood")
+        note = f": {self.likelihood_note}" if self.likelihood_note else ""
+        raise NotImplementedError(f"{type(self).__name__} has no likelihood{note}")
+
+    @property
+    def has_likelihood(self) -> bool:
+        """Whether `nll` is defined (the subclass implements `nll_latents`)."""
+        return type(self).nll_latents is not LatentPrior.nll_latents
 
     # --- public API ---------------------------------------------------------------------------
     def user_cond(self, cond: Any, n: int) -> Cond:

@@ -3,8 +3,13 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
 
     python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --batch 64 --steps 32
     python scripts/benchmark.py --config configs/absorbing/fmnist.yaml    # random weights, same shapes
+    python scripts/benchmark.py --config configs/sundae/ffhq256.yaml --cost-lengths 256,1024 --batch 4
 
-Both timings come from one run, interleaved, so the ratio holds on any machine.
+Both timings come from one run, interleaved, so the ratio holds on any machine. A step's time is the
+sampling time over the steps it ran (a prior whose samples stop early, SUNDAE's, may run fewer).
+`--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
+and total depth at those sequence lengths (square token maps): forward + backward time, the activations
+autograd keeps and, on CUDA, the peak memory, with their ratios (`sundae.cost`).
 """
 
 from __future__ import annotations
@@ -45,7 +50,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--cost-lengths", default=None,
+                   help="comma-separated sequence lengths: compare the hourglass network with a plain transformer")
+    p.add_argument("--device", default=None, help="device for --cost-lengths (default: the prior's)")
     return p
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--cost-lengths takes comma-separated integers, got {text!r}") from None
+    for n in lengths:
+        at_least("--cost-lengths", n)
+    return lengths
+
+
+def hourglass_cost(prior, args: argparse.Namespace) -> int:
+    """The --cost-lengths table: hourglass against a plain transformer of the same width and total depth."""
+    from sundae.cost import check_lengths, compare_with_plain
+    from sundae.hourglass import HourglassTransformer
+
+    nets = [prior.network(name) for name in prior.network_names]
+    net = next((n for n in nets if isinstance(n, HourglassTransformer)), None)
+    if net is None:
+        raise ValueError(f"--cost-lengths needs a prior with an hourglass network; {type(prior).__name__}'s is "
+                         f"{', '.join(type(n).__name__ for n in nets)}")
+    lengths = parse_lengths(args.cost_lengths)
+    check_lengths(net.hparams, lengths)  # every length, before the first timing
+    rows = compare_with_plain(net, lengths, batch=args.batch, repeats=args.repeats,
+                              device=args.device or prior.device)
+    print(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    return 0
 
 
 @torch.no_grad()
@@ -63,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = OmegaConf.to_container(OmegaConf.load(args.config).model, resolve=True)
         is_prior(get_obj_from_str(cfg.get("target"), key="model.target"))
         prior = instantiate_from_config(_without_ckpt_paths(cfg), key="model").eval()
+    if args.cost_lengths is not None:
+        with torch.enable_grad():
+            return hourglass_cost(prior, args)
     if not hasattr(prior, "sampling_forward"):
         raise SystemExit(f"{type(prior).__name__} does not offer sampling_forward(), the network call one "
                          "sampling step makes; it cannot be benchmarked")
@@ -77,16 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     forward = prior.sampling_forward(n, cond, guidance_scale=args.guidance)
     sampler_cond = prior.user_cond(cond, n)
 
+    ran = []
+
     def sampling():
         generator = torch.Generator(device=prior.device).manual_seed(0)
-        prior.sample_latents(n, sampler_cond, generator, steps=steps, guidance_scale=args.guidance)
+        ran.clear()
+        prior.sample_latents(n, sampler_cond, generator, steps=steps, guidance_scale=args.guidance,
+                             callback=lambda info: ran.append(1))
 
     forward(), sampling()  # warm-up
     fwd, samp = [], []
     for _ in range(args.repeats):  # interleaved so drift affects both
         fwd.append(timed(forward, 3))
-        samp.append(timed(sampling, 1) / steps)
-    result = {"batch": n, "steps": steps, "guidance": args.guidance, "threads": torch.get_num_threads(),
+        samp.append(timed(sampling, 1) / max(1, len(ran)))  # per step run (samples may stop early)
+    result = {"batch": n, "steps": steps, "steps_run": len(ran), "guidance": args.guidance,
+              "threads": torch.get_num_threads(),
               "forward_s": statistics.median(fwd), "step_s": statistics.median(samp)}
     result["step_over_forward"] = result["step_s"] / result["forward_s"]
     print(json.dumps(result, indent=2))

@@ -1,5 +1,5 @@
 """The `make demo` job: on the CPU, train the Fashion-MNIST VQGAN, cache its tokens, train a small
-class-conditional absorbing-diffusion prior on them, and write a reconstruction grid, a sample grid
+class-conditional absorbing-diffusion prior on them (or SUNDAE: --prior-config configs/sundae/fmnist.yaml), and write a reconstruction grid, a sample grid
 (one row per class) and the metrics of both stages.
 
 Every stage runs the real tools (`main.py`, the latent cache, the prior's sampler) with the paper-scale
@@ -20,12 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# The demo's prior: the Fashion-MNIST absorbing config with a smaller denoiser and a bounded run.
-PRIOR_OVERRIDES = [
-    "model.params.denoiser_config.params.dim=128",
-    "model.params.denoiser_config.params.depth=4",
-    "model.params.denoiser_config.params.heads=4",
-    "model.params.denoiser_config.params.dropout=0.0",
+# The demo's prior: a Fashion-MNIST prior config with a smaller network and a bounded run. The network's
+# overrides depend on the prior (`--prior-config`, by its model.target); the run's are shared.
+RUN_OVERRIDES = [
     "model.base_learning_rate=1e-3",
     "model.params.warmup_steps=200",
     "model.params.ema_decay=0.995",
@@ -33,6 +30,31 @@ PRIOR_OVERRIDES = [
     "lightning.trainer.val_check_interval=500",
     "lightning.callbacks.image_logger.params.batch_frequency=1000",
 ]
+NETWORK_OVERRIDES = {
+    "absorbing.model.AbsorbingPrior": [
+        "model.params.denoiser_config.params.dim=128",
+        "model.params.denoiser_config.params.depth=4",
+        "model.params.denoiser_config.params.heads=4",
+        "model.params.denoiser_config.params.dropout=0.0",
+    ],
+    "sundae.model.SundaePrior": [  # two forwards per step (unrolled): a narrower, shallower hourglass
+        "model.params.network_config.params.dim=96",
+        "model.params.network_config.params.depth=[1,[2],1]",
+        "model.params.network_config.params.heads=4",
+        "model.params.network_config.params.dim_head=24",
+    ],
+}
+PRIOR_OVERRIDES = NETWORK_OVERRIDES["absorbing.model.AbsorbingPrior"] + RUN_OVERRIDES  # the default prior's
+
+
+def prior_overrides(config_path: str) -> list[str]:
+    """The demo's overrides for the prior config at `config_path` (its model.target picks the network's)."""
+    from omegaconf import OmegaConf
+
+    target = OmegaConf.load(config_path).model.target
+    if target not in NETWORK_OVERRIDES:
+        raise SystemExit(f"--prior-config: the demo knows how to shrink {', '.join(NETWORK_OVERRIDES)}, not {target}")
+    return NETWORK_OVERRIDES[target] + RUN_OVERRIDES
 
 
 def train(configs: list[str], steps: int, logroot: str, name: str, overrides: list[str] = ()) -> str:
@@ -98,8 +120,9 @@ def main() -> int:
             cache_split(vq_ckpt, split, cache_root / split)
         overrides = [f"model.params.first_stage_config.params.ckpt_path={vq_ckpt}",
                      f"data.params.train.params.root={cache_root / 'train'}",
-                     f"data.params.validation.params.root={cache_root / 'validation'}", *PRIOR_OVERRIDES]
-        prior_ckpt = train([args.prior_config], args.prior_steps, args.logdir, "demo_absorbing", overrides)
+                     f"data.params.validation.params.root={cache_root / 'validation'}", *prior_overrides(args.prior_config)]
+        prior_ckpt = train([args.prior_config], args.prior_steps, args.logdir, f"demo_{Path(args.prior_config).parent.name}",
+                           overrides)
         prior_seconds = time.time() - t0
         prior, _ = instantiate_from_checkpoint(prior_ckpt)
 

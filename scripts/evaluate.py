@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     prior, config = instantiate_from_checkpoint(args.resume, check_class=needs("prior", "evaluate.py"))
     for setting in settings:  # every row's settings, before the first row is computed
         prior.check_sampler_options(setting)
+    if args.elbo_limit and not getattr(prior, "has_likelihood", True):
+        note = f" ({prior.likelihood_note})" if getattr(prior, "likelihood_note", None) else ""
+        raise ValueError(f"--elbo-limit: {type(prior).__name__} has no likelihood{note}; use --elbo-limit 0")
     splits = [k for k, v in ((config.get("data") or {}).get("params") or {}).items() if isinstance(v, dict)]
     if args.elbo_limit and args.elbo_split not in splits:
         raise SystemExit(f"--elbo-split: the stored config has no data.params.{args.elbo_split}; choose a split "

@@ -59,10 +59,14 @@ def test_config_builds(path, monkeypatch):
     check_config_builds(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
-def test_demo_prior_overrides_build():
+@pytest.mark.parametrize("prior", ["absorbing", "sundae"])
+def test_demo_prior_overrides_build(prior):
     """`make demo` shrinks the prior config by dotted overrides; a misplaced key would only fail at its end."""
     spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    config = load_config([str(REPO / "configs/absorbing/fmnist.yaml")], demo.PRIOR_OVERRIDES)
+    path = str(REPO / f"configs/{prior}/fmnist.yaml")
+    config = load_config([path], demo.prior_overrides(path))
     check_config_builds(OmegaConf.to_container(config, resolve=True))
+    if prior == "absorbing":
+        assert demo.prior_overrides(path) == demo.PRIOR_OVERRIDES

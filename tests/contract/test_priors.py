@@ -21,7 +21,7 @@ from ldm.train import main
 from ldm.util import instantiate_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
-PRIOR_CONFIGS = ["absorbing.yaml"]
+PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml"]
 
 
 def build(name: str, seed: int = 0):
