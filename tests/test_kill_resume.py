@@ -102,11 +102,13 @@ def test_sigterm_saves_then_exits_non_zero(tmp_path):
 
 @pytest.mark.parametrize("config", ["configs/test/first_stage_vq.yaml", "configs/test/absorbing.yaml"])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, config, capsys):
-    """SIGKILL at random moments (mid-epoch, at epoch ends: 8 batches per epoch, a checkpoint every 2
-    steps), resumed each time: the final weights equal those of a run never interrupted."""
+    """SIGKILL a random moment after the checkpoints of steps 6 (a validation follows), 8 (an epoch's
+    last batch: 8 batches per epoch) and 14 (mid-epoch), resumed each time: the final weights equal
+    those of a run never interrupted."""
     from tests.test_scripts import load
 
-    assert load("kill_resume_check").main(["--base", config, "--steps", "20", "--kills", "3", "--every", "2", "--max-delay", "0.5",
-                  "--seed", "1", "--workdir", str(tmp_path), "lightning.trainer.val_check_interval=6"]) == 0
+    assert load("kill_resume_check").main(["--base", config, "--steps", "20", "--at", "6,8,14", "--every", "2",
+                                           "--max-delay", "0.5", "--seed", "1", "--workdir", str(tmp_path),
+                                           "lightning.trainer.val_check_interval=6"]) == 0
     out = capsys.readouterr().out
     assert "kills: 3" in out and "max weight difference: 0 " in out, out

@@ -83,15 +83,18 @@ def test_the_loader_resumes_mid_epoch_where_it_stopped():
     assert state == {"epoch": 2, "batches": 3}
     resumed = _loader(0)  # a fresh loader, as a restarted process builds it
     resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # Lightning sets the resumed epoch before the first batch
     assert seen + [b.tolist() for b in resumed] == straight
     assert [b.tolist() for b in resumed] == straight  # the next iteration is a whole epoch again
 
 
 def test_a_loader_state_of_another_epoch_does_not_skip():
+    """A checkpoint of an epoch's last batch: Lightning starts the next epoch, which is whole."""
     resumed = _loader(0)
-    resumed.load_state_dict({"epoch": 1, "batches": 3})
-    resumed.sampler.set_epoch(2)  # Lightning moved on to the next epoch (the state was an epoch's end)
-    assert len([b for b in resumed]) == 10
+    batches = iter(resumed)  # Lightning may create the iterator before it sets the epoch
+    resumed.load_state_dict({"epoch": 1, "batches": 10})
+    resumed.sampler.set_epoch(2)
+    assert len(list(batches)) == 10 and resumed.state_dict() == {"epoch": 2, "batches": 10}
 
 
 def test_every_sampler_epoch_is_a_permutation():

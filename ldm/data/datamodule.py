@@ -70,7 +70,10 @@ class ResumableLoader(DataLoader):
     stopped instead of replaying its first batches (and ends the epoch when the uninterrupted run would).
 
     Lightning draws exactly one batch per step from a loader of known length (no prefetch), so the batches
-    this iterator handed out are the ones trained on when a checkpoint is written at a batch end.
+    this iterator handed out are the ones trained on when a checkpoint is written at a batch end. The
+    iteration starts lazily, at the first batch: by then Lightning has set the sampler's epoch, which
+    tells a resume mid-epoch (skip the consumed batches) from one at an epoch's end (start the next
+    epoch whole).
     """
 
     sampler: GlobalBatchSampler
@@ -81,16 +84,16 @@ class ResumableLoader(DataLoader):
         self._resume: dict[str, int] | None = None
 
     def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
         sampler = self.sampler
         if self._resume is not None:
             if self._resume["epoch"] == sampler.epoch:
                 sampler.start_batch = self._resume["batches"]
             self._resume = None
         self.consumed = sampler.start_batch
-        return self._counted(super().__iter__())
-
-    def _counted(self, batches):
-        for batch in batches:
+        for batch in super().__iter__():
             self.consumed += 1
             yield batch
 
@@ -98,8 +101,6 @@ class ResumableLoader(DataLoader):
         return {"epoch": int(self.sampler.epoch), "batches": int(self.consumed)}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        # the epoch too: Lightning may create the iterator before it sets the resumed epoch on the sampler
-        self.sampler.set_epoch(int(state["epoch"]))
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
