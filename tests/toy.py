@@ -71,3 +71,17 @@ class ToyAutoencoder(pl.LightningModule):
     def log_images(self, batch, N=8, **kwargs):
         x = batch["image"][:N]
         return {"inputs": x, "reconstructions": self(x).clamp(-1, 1)}
+
+
+def build_from_config(path, **overrides):
+    """The model of a config file, with dotted `key=value` overrides, built under seed 0."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load(path)
+    for k, v in overrides.items():
+        OmegaConf.update(cfg, k, v)
+    torch.manual_seed(0)
+    return instantiate_from_config(cfg.model, key="model")

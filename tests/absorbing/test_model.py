@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ldm.checkpoint import instantiate_from_checkpoint, read_checkpoint
 from ldm.data.cache import LatentCache, build_cache
@@ -20,16 +19,13 @@ from ldm.metrics.prior_eval import elbo_bits
 from ldm.train import main
 from ldm.util import instantiate_from_config
 from tests.data.test_fmnist import needs_data
+from tests.toy import build_from_config
 
 CFG = Path(__file__).resolve().parents[2] / "configs" / "test" / "absorbing.yaml"
 
 
 def build(**overrides):
-    cfg = OmegaConf.load(CFG)
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    torch.manual_seed(0)
-    return instantiate_from_config(cfg.model, key="model")
+    return build_from_config(CFG, **overrides)
 
 
 def train(logroot: Path) -> str:

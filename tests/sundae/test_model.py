@@ -23,17 +23,14 @@ from tests.data.test_fmnist import needs_data
 from tests.fixture_paths import fixture_dir
 from tests.test_script_checks import refused, save_checkpoint
 from tests.test_scripts import load
+from tests.toy import build_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
 CFG = CONFIGS / "sundae.yaml"
 
 
 def build(**overrides):
-    cfg = OmegaConf.load(CFG)
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    torch.manual_seed(0)
-    return instantiate_from_config(cfg.model, key="model")
+    return build_from_config(CFG, **overrides)
 
 
 @needs_data
