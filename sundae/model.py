@@ -11,7 +11,7 @@ import torch
 from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
 from ldm.sampler_options import Option, SamplerOptions
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 from sundae.hourglass import HourglassTransformer, convert_original_state_dict
 from sundae.process import UnrolledDenoising
 from sundae.sampling import sample
@@ -73,10 +73,10 @@ class SundaePrior(LatentPrior):
         super().__init__(first_stage_config, **prior_kw)
         n_embed = int(self.first_stage_model.n_embed)
         if n_embed != codebook_size:
-            raise ValueError(f"codebook_size: the first stage has a codebook of {n_embed} codes but the prior is "
-                             f"configured for codebook_size={codebook_size}; they must be equal")
+            raise ConfigError("codebook_size", f"the first stage has a codebook of {n_embed} codes but the prior "
+                                               f"is configured for {codebook_size}; they must be equal")
         if unroll_steps < 1:
-            raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
+            raise ConfigError("unroll_steps", f"expected an integer >= 1, got {unroll_steps}")
         if set(self.conditioner.keys) - {"class_label"}:
             raise ValueError(f"the SUNDAE network takes class labels only; the conditioner gives "
                              f"{list(self.conditioner.keys)}")
@@ -90,7 +90,7 @@ class SundaePrior(LatentPrior):
         try:
             self.sample_defaults.update(self.check_sampler_options(dict(sample_defaults or {})))
         except ValueError as e:
-            raise ValueError(f"sample_defaults: {e}") from None
+            raise ConfigError("sample_defaults", str(e)) from None
         self.finish_init(ckpt_path, ignore_keys)
 
     def denoiser(self, ema: bool = False):

@@ -92,13 +92,14 @@ def test_inpainting_holds_the_known_tokens_and_checks_the_mask():
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="codebook_size: the first stage has a codebook of 16 codes but the prior is "
-                                         "configured for codebook_size=32"):
+    with pytest.raises(ConfigError, match="^model.params.codebook_size: the first stage has a codebook of 16 codes "
+                                          "but the prior is configured for 32; they must be equal$"):
         build(**{"model.params.codebook_size": 32})
     with pytest.raises(ConfigError, match=re.escape("model.params.network_config.params.shorten_factor: the 8x8 token "
                                                     "map (64 tokens) at level 1 does not divide into 3x3 patches")):
         build(**{"model.params.network_config.params.shorten_factor": 9})
-    with pytest.raises(ValueError, match=re.escape("sample_defaults: proportion must be a number in (0, 1], got 0")):
+    with pytest.raises(ConfigError, match=re.escape("model.params.sample_defaults: proportion must be a number in "
+                                                    "(0, 1], got 0")):
         build(**{"model.params.sample_defaults.proportion": 0})
     model = build().eval()
     with pytest.raises(ValueError, match=r"cond must be a class label or one per sample, in 0..9"):
@@ -119,7 +120,7 @@ def test_bad_settings_are_clear_errors():
 @pytest.mark.parametrize("override, message", [
     ("model.params.network_config.params.shorten_factor=9",
      "model.params.network_config.params.shorten_factor: the 8x8 token map (64 tokens) at level 1 does not divide"),
-    ("model.params.codebook_size=32", "codebook_size: the first stage has a codebook of 16 codes"),
+    ("model.params.codebook_size=32", "model.params.codebook_size: the first stage has a codebook of 16 codes"),
     ("model.params.network_config.params.depth=[1,2]", "model.params.network_config.params.depth: a list has 1 or 3"),
 ])
 def test_main_refuses_a_bad_setting_before_writing_anything(tmp_path, override, message):
