@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ def at_least(flag: str, value: int | None, minimum: int = 1) -> None:
 
 def output_path(path: str | os.PathLike, suffixes: Sequence[str], flag: str = "--out") -> Path:
     """`path` if the program can write it at the end: the right extension, not a folder, and a parent
-    folder that exists or can be created. Nothing is created here."""
+    folder that exists or can be created. Nothing is left behind (a temporary folder probes the nearest
+    existing one)."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"{flag} must end in {' or '.join(suffixes)}, got {path}")
@@ -57,6 +59,10 @@ def output_path(path: str | os.PathLike, suffixes: Sequence[str], flag: str = "-
         raise ValueError(f"{flag} {path} cannot be written: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{flag} {path} cannot be written: no write permission in {folder}")
+    try:  # permissions do not tell everything (read-only or special file systems, root): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written: {e.strerror or e} in {folder}") from None
     return path
 
 

@@ -212,3 +212,11 @@ def test_run_reports_a_message_exit_and_passes_on_a_status(capsys):
 def test_output_path_accepts_a_new_folder(tmp_path):
     assert output_path(tmp_path / "a" / "b" / "x.JSON", (".json",)) == tmp_path / "a" / "b" / "x.JSON"
     assert not (tmp_path / "a").exists()  # checking creates nothing
+
+
+def test_an_output_path_on_a_file_system_that_refuses_writes_is_refused_before_work():
+    """Permission bits say yes to root everywhere; /proc still refuses a new folder."""
+    from ldm.cli import output_path
+
+    with pytest.raises(ValueError, match=r"^--out /proc/nope/grid.png cannot be written: .* in /proc$"):
+        output_path("/proc/nope/grid.png", (".png",))
