@@ -74,27 +74,26 @@ def differences(held: Mapping[str, Any], wanted: Mapping[str, Any]) -> tuple[lis
     def known_and_differs(key: str) -> bool:
         return key in held and key in wanted and plain(held[key]) != plain(wanted[key])
 
+    def add(phrase) -> None:
+        h.append(phrase(held))
+        w.append(phrase(wanted))
+
     if known_and_differs("latent_kind"):
-        h.append(describe_kind(held["latent_kind"]))
-        w.append(describe_kind(wanted["latent_kind"]))
+        add(lambda m: describe_kind(m["latent_kind"]))
     else:
         fh, fw = held.get("fingerprint", {}), wanted.get("fingerprint", {})
         keys = [k for k in fh if k in fw and plain(fh[k]) != plain(fw[k])]
         if keys:
-            h.append("latents of first stage " + ", ".join(f"{k}={fh[k]!r}" for k in keys))
-            w.append("latents of first stage " + ", ".join(f"{k}={fw[k]!r}" for k in keys))
-    if known_and_differs("split"):
-        h.append(f"the {held['split']} split")
-        w.append(f"the {wanted['split']} split")
-    elif known_and_differs("dataset"):
-        h.append(f"data set {json.dumps(held['dataset'], sort_keys=True)}")
-        w.append(f"data set {json.dumps(wanted['dataset'], sort_keys=True)}")
-    elif known_and_differs("dataset_size"):
-        h.append(f"a data set of {held['dataset_size']} items")
-        w.append(f"a data set of {wanted['dataset_size']} items")
+            add(lambda m: "latents of first stage " + ", ".join(f"{k}={m['fingerprint'][k]!r}" for k in keys))
+    # the first of these that differs (each follows from the one before)
+    for key, phrase in (("split", lambda m: f"the {m['split']} split"),
+                        ("dataset", lambda m: f"data set {json.dumps(m['dataset'], sort_keys=True)}"),
+                        ("dataset_size", lambda m: f"a data set of {m['dataset_size']} items")):
+        if known_and_differs(key):
+            add(phrase)
+            break
     if known_and_differs("shard_size"):
-        h.append(f"shards of {held['shard_size']} items")
-        w.append(f"shards of {wanted['shard_size']} items")
+        add(lambda m: f"shards of {m['shard_size']} items")
     return h, w
 
 
