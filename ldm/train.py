@@ -301,6 +301,19 @@ def resolve_strategy(trainer_cfg: dict[str, Any], model: Any) -> None:
               "that leave some parameters without gradients")
 
 
+def resumable_step(model: Any, path: str) -> int:
+    """The step a checkpoint resumes at, once it is known to fit `model` (refused before the run folder is
+    touched). The file is read here and dropped: Lightning reads it again to restore."""
+    from ldm.checkpoint import CheckpointError, check_shapes, read_checkpoint, state_dict_in
+
+    resumed = read_checkpoint(path)
+    if not isinstance(resumed, Mapping) or not isinstance(resumed.get("state_dict"), Mapping):
+        raise CheckpointError(f"{path} is not a training checkpoint written by main.py "
+                              "(it has no state_dict); -r resumes runs of this project")
+    check_shapes(model, state_dict_in(resumed, path), path)
+    return int(resumed.get("global_step", 0))
+
+
 def take_run_folder(paths: RunPaths, resume: bool) -> RunPaths:
     """Rank 0 claims a new run folder (another name if it exists) or the resumed one, locks it for the
     life of the process and removes temporary checkpoint files a killed run left; launched ranks take
@@ -376,7 +389,6 @@ def train(argv: list[str] | None = None) -> int:
     import pytorch_lightning as pl
 
     from ldm.callbacks import AtomicCheckpointIO, SignalCheckpoint
-    from ldm.checkpoint import CheckpointError, check_shapes, read_checkpoint, state_dict_in
     from ldm.loggers import run_loggers
 
     # quietly: Lightning announces the seed on stderr, which holds only errors (ldm.cli); stdout gets it
@@ -404,14 +416,7 @@ def train(argv: list[str] | None = None) -> int:
     lightning_config.trainer = trainer_cfg
 
     extra = user_callbacks(lightning_config)
-    resume_step = None
-    if paths.resume_ckpt:  # a checkpoint that cannot resume this model is refused before the folder is touched
-        resumed = read_checkpoint(paths.resume_ckpt)
-        if not isinstance(resumed, Mapping) or not isinstance(resumed.get("state_dict"), Mapping):
-            raise CheckpointError(f"{paths.resume_ckpt} is not a training checkpoint written by main.py "
-                                  "(it has no state_dict); -r resumes runs of this project")
-        check_shapes(model, state_dict_in(resumed, paths.resume_ckpt), paths.resume_ckpt)
-        resume_step = int(resumed.get("global_step", 0))
+    resume_step = resumable_step(model, paths.resume_ckpt) if paths.resume_ckpt else None
     if opt.train or paths.resume_ckpt:
         paths = take_run_folder(paths, resume=bool(opt.resume))
     loggers = run_loggers(paths.logdir, resume_step)
