@@ -82,6 +82,22 @@ def draw_local(draw: Callable[[int], torch.Tensor], n: int, device: torch.device
     return draw(total)[offset: offset + n]
 
 
+def uniform_local(shape: tuple[int, ...], generator: torch.Generator | None,
+                  device: torch.device | str) -> torch.Tensor:
+    """U(0, 1) of `shape` (the global batch first) drawn for the global batch: this rank's rows, on `device`."""
+    gen_device = generator.device if generator is not None else device
+    return draw_local(lambda m: torch.rand((m, *shape[1:]), generator=generator, device=gen_device),
+                      shape[0], device).to(device)
+
+
+def randint_local(high: int, shape: tuple[int, ...], generator: torch.Generator | None,
+                  device: torch.device | str) -> torch.Tensor:
+    """Integers in [0, high) of `shape` (the global batch first) drawn for the global batch: this rank's rows."""
+    gen_device = generator.device if generator is not None else device
+    return draw_local(lambda m: torch.randint(0, high, (m, *shape[1:]), generator=generator, device=gen_device),
+                      shape[0], device).to(device)
+
+
 def gather_global(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `x` (n_r, ...) joined in rank order: the global batch's."""
     if not is_distributed():

@@ -41,7 +41,7 @@ class Option:
     high: Any = None  # inclusive upper bound
     low_open: bool = False
     choices: tuple[Any, ...] | None = None
-    size: int | None = None  # a sequence of this many values; one value stands for all of them
+    size: Any = None  # a sequence of this many values (int, or a function of the prior); one value stands for all
     nullable: bool = False  # None is accepted and means the behaviour `help` describes
     modes: tuple[Mode, ...] = MODES  # the public calls that take it
     conditional_only: bool = False  # an unconditional prior takes the default only
@@ -51,7 +51,8 @@ class Option:
         def value(v: Any) -> Any:
             return v(prior, options or {}) if callable(v) else v
 
-        return replace(self, default=value(self.default), low=value(self.low), high=value(self.high))
+        return replace(self, default=value(self.default), low=value(self.low), high=value(self.high),
+                       size=value(self.size))
 
     def allowed(self) -> str:
         """What the option accepts, in words: 'an integer in 1..16', 'a number in (0, 1]', ..."""

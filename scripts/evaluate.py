@@ -156,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         result["first_stage_reconstructions"] = sample_scores(images, labels, classifier, ref_stats)
         print("first-stage reconstructions:", result["first_stage_reconstructions"], flush=True)
         for setting in settings:
-            t0 = time.time()
+            t0, taken = time.time(), []
             with prior_precision():
                 images, labels = generate(prior, args.num_samples, prior.num_classes, args.batch_size, args.seed,
-                                          **setting)
+                                          steps_taken=taken, **setting)
             row = {**setting, **sample_scores(images, labels, classifier, ref_stats),
                    "seconds": round(time.time() - t0, 1)}
+            if taken:  # a sampler that stops early (SUNDAE): the network calls samples actually took
+                taken = torch.cat(taken).float()
+                row.update(steps_mean=round(float(taken.mean()), 2), steps_max=int(taken.max()))
             print(row, flush=True)
             result["rows"].append(row)
             out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted sweep

@@ -23,17 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ldm.conditioning import Cond
-from ldm.distributed import draw_local
+from ldm.distributed import uniform_local
 
 # net(x (B, N) long, cond dict) -> logits (B, N, K)
 Denoiser = Callable[[torch.Tensor, Cond], torch.Tensor]
-
-
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """U(0, 1) of `shape` (global batch first), this rank's rows."""
-    gen_device = generator.device if generator is not None else device
-    return draw_local(lambda m: torch.rand((m, *shape[1:]), generator=generator, device=gen_device),
-                      shape[0], device).to(device)
 
 
 def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -57,9 +50,9 @@ class UnrolledDenoising:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_0 (B, N) long -> (x_c (B, N) long, replaced (B, N) bool, rate r (B,))."""
         b, n = x0.shape
-        rate = _uniform((b,), generator, x0.device)  # (B,)
-        replaced = _uniform((b, n), generator, x0.device) < rate[:, None]  # (B, N) bool
-        codes = (_uniform((b, n), generator, x0.device) * self.codebook_size).long().clamp(max=self.codebook_size - 1)
+        rate = uniform_local((b,), generator, x0.device)  # (B,)
+        replaced = uniform_local((b, n), generator, x0.device) < rate[:, None]  # (B, N) bool
+        codes = (uniform_local((b, n), generator, x0.device) * self.codebook_size).long().clamp(max=self.codebook_size - 1)
         return torch.where(replaced, codes, x0), replaced, rate
 
     def training_losses(self, net: Denoiser, x0: torch.Tensor, cond: Cond | None = None,
@@ -86,7 +79,7 @@ class UnrolledDenoising:
                         if bool((quartile == q).any()):
                             out[f"loss_r_q{q + 1}"] = per_seq[quartile == q].mean()
                 if step < self.unroll_steps:  # the network's own sample is the next input; no gradient through it
-                    x = categorical_from_uniform(logits.detach(), _uniform(tuple(x0.shape), generator, x0.device))
+                    x = categorical_from_uniform(logits.detach(), uniform_local(tuple(x0.shape), generator, x0.device))
         out["loss"] = total
         out["accuracy"] = torch.tensor(correct / self.unroll_steps)
         return out

@@ -17,16 +17,23 @@ from ldm.metrics.frechet import feature_statistics, frechet_distance
 
 @torch.no_grad()
 def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100, seed: int = 0,
-             progress: bool = True, **sampler_kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+             progress: bool = True, steps_taken: list[torch.Tensor] | None = None,
+             **sampler_kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`n` samples (float32, on the CPU; classes in turn when conditional) and their labels, seeded per batch.
 
-    Only prior calls happen here, so a caller may wrap it in autocast."""
+    Only prior calls happen here, so a caller may wrap it in autocast. A sampler that stops samples early
+    reports each sample's network calls in its callback's `steps_taken`; given a list, they are added to it."""
     images, labels = [], []
+    last: dict[str, Any] = {}
+    callback = None if steps_taken is None else last.update
     for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress):
         b = min(batch_size, n - start)
         cond = torch.arange(start, start + b) % num_classes if num_classes else None
         g = torch.Generator(device=prior.device).manual_seed(seed + start)
-        images.append(prior.sample(b, cond=cond, generator=g, **sampler_kw).float().cpu())
+        last.clear()
+        images.append(prior.sample(b, cond=cond, generator=g, callback=callback, **sampler_kw).float().cpu())
+        if steps_taken is not None and "steps_taken" in last:
+            steps_taken.append(last["steps_taken"].cpu())
         if cond is not None:
             labels.append(cond)
     return torch.cat(images), (torch.cat(labels) if labels else None)

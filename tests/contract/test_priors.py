@@ -21,7 +21,7 @@ from ldm.train import main
 from ldm.util import instantiate_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
-PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml"]
+PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml", "imagebart.yaml"]
 
 
 def build(name: str, seed: int = 0):
@@ -145,11 +145,16 @@ def test_checkpoint_from_main_samples_with_its_ema_weights(name, tmp_path):
     torch.manual_seed(1234)  # the loaded model starts from other random weights
     loaded, _ = instantiate_from_checkpoint(ckpt)
     oracle, _ = build(name, seed=99)
-    oracle_state = {k: v for k, v in stored.items() if not k.startswith("model.")}
-    for pname, _ in oracle.model.named_parameters():  # the file's EMA tensors as the oracle's live weights
-        oracle_state["model." + pname] = stored["model_ema." + pname.replace(".", "")]
-    for bname, buf in oracle.model.named_buffers():
-        oracle_state["model." + bname] = stored.get("model." + bname, buf)
+    names = oracle.network_names
+    oracle_state = {k: v for k, v in stored.items() if not k.startswith(tuple(f"{n}." for n in names))}
+    saved = set(oracle.state_dict())
+    for net_name in names:
+        net = getattr(oracle, net_name)
+        for pname, _ in net.named_parameters():  # the file's EMA tensors as the oracle's live weights
+            oracle_state[f"{net_name}.{pname}"] = stored[f"{net_name}_ema." + pname.replace(".", "")]
+        for bname, buf in net.named_buffers():
+            if f"{net_name}.{bname}" in saved:
+                oracle_state[f"{net_name}.{bname}"] = stored.get(f"{net_name}.{bname}", buf)
     oracle.load_state_dict(oracle_state)
     oracle.eval()
     fresh, _ = build(name, seed=1234)
