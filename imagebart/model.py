@@ -28,7 +28,7 @@ from imagebart.transformer import convert_original_state_dict
 from ldm.conditioning import Cond
 from ldm.prior import LatentPrior
 from ldm.sampler_options import Option, SamplerOptions
-from ldm.util import ConfigError, Fraction, PositiveInt, instantiate_from_config
+from ldm.util import ConfigError, PositiveInt, Probability, instantiate_from_config
 
 
 def _scales(prior: ImageBARTPrior, _: Any = None) -> int:
@@ -94,7 +94,7 @@ class ImageBARTPrior(LatentPrior):
         n_scales: PositiveInt,
         schedule: Mapping[str, Any] | None = None,
         top_config: Mapping[str, Any] | None = None,
-        alpha: Fraction = 1.0,
+        alpha: Probability = 1.0,
         single_scale: PositiveInt | None = None,
         scale_weights: Sequence[float] | None = None,
         top_k: PositiveInt | None = None,
@@ -122,7 +122,8 @@ class ImageBARTPrior(LatentPrior):
         if single_scale is not None and not 1 <= single_scale <= n_scales:
             raise ConfigError("single_scale", f"must be a scale in 1..{n_scales}, got {single_scale}")
         self.single_scale = single_scale
-        weights = torch.ones(n_scales) if scale_weights is None else torch.tensor(list(scale_weights), dtype=torch.float)
+        weights = torch.tensor([1.0] * n_scales if scale_weights is None else list(scale_weights), dtype=torch.float,
+                               device="cpu")
         if weights.numel() != n_scales or (weights < 0).any() or weights.sum() <= 0:
             raise ConfigError("scale_weights", f"expected {n_scales} non-negative weights, not all 0, got "
                                                f"{list(scale_weights or [])}")

@@ -87,11 +87,11 @@ def schedule_betas(n_scales: int, kind: ScheduleKind = "geometric", beta: float 
     if n_scales < 1:
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
     if kind == "geometric":
-        betas = torch.cat([torch.zeros(1), 1.0 / torch.arange(n_scales, 0, -1)])
+        betas = torch.cat([torch.zeros(1, device="cpu"), 1.0 / torch.arange(n_scales, 0, -1, device="cpu")])
     elif kind == "constant":
         if beta is None or not 0.0 < beta <= 1.0:
             raise ValueError(f"schedule kind 'constant' needs beta in (0, 1], got {beta}")
-        betas = torch.cat([torch.zeros(1), beta * torch.ones(n_scales)])
+        betas = torch.cat([torch.zeros(1, device="cpu"), beta * torch.ones(n_scales, device="cpu")])
     elif kind == "alphacum":
         if alphacum is None or len(alphacum) != n_scales + 1:
             raise ValueError(f"schedule kind 'alphacum' needs n_scales + 1 = {n_scales + 1} values A_0..A_T, "
@@ -99,7 +99,8 @@ def schedule_betas(n_scales: int, kind: ScheduleKind = "geometric", beta: float 
         if float(alphacum[0]) != 1.0:
             raise ValueError(f"schedule alphacum must start at A_0 = 1 (no noise), got {list(alphacum)}")
         check_monotone(alphacum)
-        betas = torch.tensor([1.0 - a for a in [1.0] + [t / s for s, t in zip(alphacum[:-1], alphacum[1:])]])
+        betas = torch.tensor([1.0 - a for a in [1.0] + [t / s for s, t in zip(alphacum[:-1], alphacum[1:])]],
+                             device="cpu")
     elif kind == "metric":
         if table is None:
             raise ValueError("schedule kind 'metric' needs table: a schedule-vs-metric JSON file")
@@ -128,7 +129,7 @@ class MultinomialDiffusion:
     def __init__(self, codebook_size: int, betas: torch.Tensor):
         if codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
-        betas = torch.as_tensor(betas, dtype=torch.float32)
+        betas = torch.as_tensor(betas, dtype=torch.float32, device="cpu")  # a schedule, not a weight: never on meta
         if betas.dim() != 1 or betas.numel() < 2 or float(betas[0]) != 0.0:
             raise ValueError(f"betas must be b_0..b_T with b_0 = 0, got {betas.tolist()}")
         self.codebook_size = int(codebook_size)

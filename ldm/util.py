@@ -68,6 +68,7 @@ NonNegativeInt = Annotated[int, Bounds(ge=0)]
 NonNegativeFloat = Annotated[float, Bounds(ge=0)]
 PositiveFloat = Annotated[float, Bounds(gt=0)]
 Fraction = Annotated[float, Bounds(ge=0, lt=1)]
+Probability = Annotated[float, Bounds(ge=0, le=1)]
 
 
 def _to_plain(config: Any) -> Any:
