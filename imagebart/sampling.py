@@ -31,8 +31,7 @@ class Transition(Protocol):
 
     def start(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> Any: ...
     def next_logits(self, state: Any, token: torch.Tensor | None) -> torch.Tensor: ...
-    def prefix_logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
-                      prefix: torch.Tensor) -> torch.Tensor: ...
+    def prefix_logits(self, state: Any, prefix: torch.Tensor) -> torch.Tensor: ...
 
 
 def _labels(cond: Cond | None) -> torch.Tensor | None:
@@ -63,14 +62,14 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
         x_in = x_t
     ts = torch.full((x_in.shape[0],), t, dtype=torch.long, device=x_t.device)
     out = torch.empty_like(x_t)
-    state = net.start(x_in, ts, labels) if use_cache else None
+    state = net.start(x_in, ts, labels)
     token = None
     for i in range(n):
         if use_cache:
             logits = net.next_logits(state, token)
         else:
             prefix = out[:, :i] if not guide else torch.cat([out[:, :i], out[:, :i]])
-            logits = net.prefix_logits(x_in, ts, labels, prefix)
+            logits = net.prefix_logits(state, prefix)
         if guide:
             logits = guided(logits, guidance_scale)
         drawn = sample_categorical(logits, temperature, top_k, top_p, generator).to(x_t.device)

@@ -283,12 +283,12 @@ class EncoderDecoder(nn.Module):
         state.position += 1
         return out
 
-    def prefix_logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
-                      prefix: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K) of position len(prefix) without a cache (the whole decoder rerun): the reference."""
-        sos = torch.full_like(x_t[:, :1], self.sos_token)
-        logits = self.decoder(torch.cat([sos, prefix], 1), context=self.encode(x_t, t, cond))[:, -1:]
-        return self.output(logits, x_t, t, prefix.shape[1])[:, 0]
+    def prefix_logits(self, state: DecodeState, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) of position len(prefix) without the cache: the decoder rerun on the whole prefix (the
+        encoder's output reused, as the original samples), the reference the cache must match."""
+        sos = torch.full_like(state.x_t[:, :1], self.sos_token)
+        logits = self.decoder(torch.cat([sos, prefix], 1), context=state.context)[:, -1:]
+        return self.output(logits, state.x_t, state.t, prefix.shape[1])[:, 0]
 
 
 class GPTAttention(nn.Module):
@@ -395,9 +395,8 @@ class DecoderOnly(nn.Module):
         state.position += 1
         return logits
 
-    def prefix_logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
-                      prefix: torch.Tensor) -> torch.Tensor:
-        return self.run(torch.cat([self.conditioning(t, cond), prefix], 1))[:, -1]
+    def prefix_logits(self, state: DecodeState, prefix: torch.Tensor) -> torch.Tensor:
+        return self.run(torch.cat([self.conditioning(state.t, state.cond), prefix], 1))[:, -1]
 
 
 def parameter_count(module: nn.Module) -> int:

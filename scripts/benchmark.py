@@ -4,6 +4,8 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
     python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --batch 64 --steps 32
     python scripts/benchmark.py --config configs/absorbing/fmnist.yaml    # random weights, same shapes
     python scripts/benchmark.py --config configs/sundae/ffhq256.yaml --cost-lengths 256,1024 --batch 4
+    python scripts/benchmark.py --config configs/imagebart/fmnist.yaml --compare-cache --batch 8 \
+        model.params.latent_shape=[16,16]    # 256 tokens: cached against uncached decoding
 
 Both timings come from one run, interleaved, so the ratio holds on any machine. A step's time is the
 sampling time over the steps it ran (a prior whose samples stop early, SUNDAE's, may run fewer).
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, needs, run  # noqa: E402
+from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
 
@@ -46,13 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-r", "--resume")
     g.add_argument("--config")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps, for priors that take them (default: the prior's own default)")
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cost-lengths", default=None,
                    help="comma-separated sequence lengths: compare the hourglass network with a plain transformer")
     p.add_argument("--device", default=None, help="device for --cost-lengths (default: the prior's)")
+    p.add_argument("--compare-cache", action="store_true",
+                   help="time sampling with the key/value cache against without it (priors with a use_cache "
+                        "option), and check both give the same samples")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config, e.g. "
+                                                "model.params.latent_shape=[16,16]")
     return p
 
 
@@ -84,11 +93,36 @@ def hourglass_cost(prior, args: argparse.Namespace) -> int:
     return 0
 
 
+def cache_comparison(prior, args: argparse.Namespace, options: dict) -> int:
+    """Sampling with the key/value cache against without it, interleaved, on the same seed: the speed-up and
+    whether the samples are the same."""
+    n = args.batch
+    cond = prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
+
+    def sampling(use_cache: int) -> torch.Tensor:
+        generator = torch.Generator(device=prior.device).manual_seed(0)
+        return prior.sample_latents(n, cond, generator, use_cache=use_cache, **options)
+
+    same = torch.equal(sampling(1), sampling(0))  # also the warm-up
+    cached, uncached = [], []
+    for _ in range(args.repeats):
+        cached.append(timed(lambda: sampling(1), 1))
+        uncached.append(timed(lambda: sampling(0), 1))
+    result = {"batch": n, "tokens": int(torch.tensor(prior.latent_shape[-2:]).prod()), "guidance": args.guidance,
+              "threads": torch.get_num_threads(), "cached_s": statistics.median(cached),
+              "uncached_s": statistics.median(uncached), "same_samples": same}
+    result["speedup"] = result["uncached_s"] / result["cached_s"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats)):
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
         at_least(flag, value)
+    if args.steps is not None:
+        at_least("--steps", args.steps)
     at_least("--threads", args.threads, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         prior, _ = instantiate_from_checkpoint(args.resume, check_class=is_prior)
     else:
-        cfg = OmegaConf.to_container(OmegaConf.load(args.config).model, resolve=True)
+        cfg = OmegaConf.to_container(load_config([args.config], args.overrides).model, resolve=True)
         is_prior(get_obj_from_str(cfg.get("target"), key="model.target"))
         prior = instantiate_from_config(_without_ckpt_paths(cfg), key="model").eval()
     if args.cost_lengths is not None:
@@ -105,12 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(prior, "sampling_forward"):
         raise SystemExit(f"{type(prior).__name__} does not offer sampling_forward(), the network call one "
                          "sampling step makes; it cannot be benchmarked")
+    options: dict = {}
     for flag, option, value in (("--steps", "steps", args.steps), ("--guidance", "guidance_scale", args.guidance)):
+        if value is None or (option == "guidance_scale" and value == 1.0):
+            continue
         try:
-            prior.check_sampler_options({option: value})
+            options.update(prior.check_sampler_options({option: value}))
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
-    n, steps = args.batch, args.steps
+    if args.compare_cache:
+        if "use_cache" not in prior.sampler_options.names():
+            raise ValueError(f"--compare-cache: {type(prior).__name__} has no use_cache option")
+        return cache_comparison(prior, args, options)
+    n = args.batch
     cond = (torch.arange(n) % prior.num_classes).to(prior.device) if prior.num_classes else None
     # both sides run the networks sampling uses (the EMA copies; nothing is swapped)
     forward = prior.sampling_forward(n, cond, guidance_scale=args.guidance)
@@ -121,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     def sampling():
         generator = torch.Generator(device=prior.device).manual_seed(0)
         ran.clear()
-        prior.sample_latents(n, sampler_cond, generator, steps=steps, guidance_scale=args.guidance,
-                             callback=lambda info: ran.append(1))
+        prior.sample_latents(n, sampler_cond, generator, callback=lambda info: ran.append(1), **options)
 
     forward(), sampling()  # warm-up
     fwd, samp = [], []
+    per_call = getattr(forward, "steps_per_call", 1)  # a forward that stands for several sampling steps
     for _ in range(args.repeats):  # interleaved so drift affects both
-        fwd.append(timed(forward, 3))
+        fwd.append(timed(forward, 3) / per_call)
         samp.append(timed(sampling, 1) / max(1, len(ran)))  # per step run (samples may stop early)
-    result = {"batch": n, "steps": steps, "steps_run": len(ran), "guidance": args.guidance,
+    result = {"batch": n, "steps": options.get("steps"), "steps_run": len(ran), "guidance": args.guidance,
               "threads": torch.get_num_threads(),
               "forward_s": statistics.median(fwd), "step_s": statistics.median(samp)}
     result["step_over_forward"] = result["step_s"] / result["forward_s"]

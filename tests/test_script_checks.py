@@ -179,6 +179,25 @@ def test_benchmark_runs(ckpts, capsys):
     assert json.loads(out[out.index("{"):])["steps"] == 2
 
 
+def test_benchmark_compares_cached_and_uncached_decoding(capsys):
+    """ImageBART's --compare-cache: both decodings, interleaved, give the same samples; the dotted overrides
+    of --config reach the model."""
+    argv = ["--config", str(CONFIGS / "imagebart.yaml"), "--compare-cache", "--batch", "2", "--repeats", "1",
+            "model.params.latent_shape=[4,4]"]
+    assert run(lambda: load("benchmark").main(argv)) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["same_samples"] is True and result["tokens"] == 16 and result["speedup"] > 0
+
+
+def test_benchmark_refuses_options_the_prior_lacks(ckpts, tmp_path, capsys):
+    assert refused("benchmark", ["-r", ckpts["prior"], "--compare-cache"], tmp_path, capsys) == \
+        "--compare-cache: AbsorbingPrior has no use_cache option"
+    imagebart = ["--config", str(CONFIGS / "imagebart.yaml")]
+    assert refused("benchmark", [*imagebart, "--steps", "4"], tmp_path, capsys).startswith(
+        "--steps: ImageBARTPrior.sample has no option 'steps'")
+
+
 # --- eval_first_stage.py ------------------------------------------------------------------------------
 def test_eval_first_stage_refuses(ckpts, tmp_path, capsys):
     vq = ["-r", ckpts["first_stage"], "--split", "validation", "--classifier", ""]

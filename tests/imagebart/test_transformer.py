@@ -124,6 +124,7 @@ def test_cached_decoding_equals_the_uncached_network(kind):
         for i in range(12):
             steps.append(net.next_logits(state, token))
             token = x_prev[:, i]
-        uncached = [net.prefix_logits(x_t, t, cond, x_prev[:, :i]) for i in range(12)]
+        start = net.start(x_t, t, cond)
+        uncached = [net.prefix_logits(start, x_prev[:, :i]) for i in range(12)]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(uncached, 1), full, atol=1e-5, rtol=1e-5)
