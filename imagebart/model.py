@@ -59,11 +59,11 @@ class CodeRemap(nn.Module):
 
     def __init__(self, used: torch.Tensor, n_embed: int):
         super().__init__()
-        used = torch.as_tensor(used, dtype=torch.long).flatten()
+        used = torch.as_tensor(used, dtype=torch.long, device="cpu").flatten()  # a table, not a weight: never on meta
         if used.numel() == 0 or used.min() < 0 or used.max() >= n_embed or used.unique().numel() != used.numel():
             raise ValueError(f"remap must list distinct first-stage codes in 0..{n_embed - 1}")
-        inverse = torch.full((n_embed,), -1, dtype=torch.long)
-        inverse[used] = torch.arange(used.numel())
+        inverse = torch.full((n_embed,), -1, dtype=torch.long, device="cpu")
+        inverse[used] = torch.arange(used.numel(), device="cpu")
         self.register_buffer("used", used, persistent=False)
         self.register_buffer("inverse", inverse, persistent=False)
 

@@ -13,6 +13,7 @@ anything else before any work.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -88,6 +89,9 @@ class LatentPrior(pl.LightningModule):
         weight_decay: NonNegativeFloat = 0.0,
         betas: Sequence[Fraction] = (0.9, 0.95),
         warmup_steps: NonNegativeInt = 0,
+        warmup_start_lr: NonNegativeFloat = 0.0,
+        lr_decay_steps: PositiveInt | None = None,
+        min_lr: NonNegativeFloat = 0.0,
         monitor: str | None = "val/loss",
         log_sample_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -100,6 +104,9 @@ class LatentPrior(pl.LightningModule):
         self.cond_drop_prob, self.posterior = cond_drop_prob, posterior
         self.use_ema, self.ema_decay = use_ema, ema_decay
         self.weight_decay, self.betas, self.warmup_steps = weight_decay, tuple(betas), warmup_steps
+        if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
+            raise ConfigError("lr_decay_steps", f"must be after the warm-up ({warmup_steps} steps), got {lr_decay_steps}")
+        self.warmup_start_lr, self.lr_decay_steps, self.min_lr = warmup_start_lr, lr_decay_steps, min_lr
         self.monitor = monitor
         self.log_sample_kwargs = dict(log_sample_kwargs or {})
         self.learning_rate = 1e-4  # main.py sets it from base_learning_rate
@@ -439,11 +446,24 @@ class LatentPrior(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.trained_parameters(), lr=self.learning_rate, betas=self.betas,
                                 weight_decay=self.weight_decay)
-        if not self.warmup_steps:
+        if not self.warmup_steps and self.lr_decay_steps is None:
             return opt
-        warm = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at `step` over the configured one: a linear warm-up from `warmup_start_lr`, then
+        constant or, with `lr_decay_steps`, a cosine down to `min_lr` at that step (taming's and ImageBART's
+        LambdaWarmUpCosineScheduler)."""
+        lr = self.learning_rate
+        if step < self.warmup_steps:
+            start = self.warmup_start_lr / lr if lr else 0.0
+            return start + (1.0 - start) * (step + 1) / self.warmup_steps
+        if self.lr_decay_steps is None:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.lr_decay_steps - self.warmup_steps))
+        low = self.min_lr / lr if lr else 0.0
+        return low + 0.5 * (1.0 - low) * (1.0 + math.cos(math.pi * progress))
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, split: str = "train", **kw: Any) -> dict[str, torch.Tensor]:

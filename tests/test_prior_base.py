@@ -216,3 +216,23 @@ def test_concat_and_combined_conditioning_travel_together():
 def test_unconditional_instantiation_from_config():
     cond = instantiate_from_config({"target": "ldm.conditioning.Unconditional"})
     assert cond.encode({"image": torch.zeros(1)}) == {} and cond.null(3) == {}
+
+
+def test_learning_rate_schedule_is_taming_warmup_cosine():
+    """Warm-up then cosine decay: after the warm-up the rate is taming-transformers' LambdaWarmUpCosineScheduler's
+    (the independent oracle; ImageBART's configs use it); the warm-up reaches each rate one step earlier than it
+    (the first step already trains at lr_start + a step)."""
+    from taming.lr_scheduler import LambdaWarmUpCosineScheduler
+
+    kw = dict(warmup_steps=10, warmup_start_lr=2.5e-6, lr_decay_steps=100, min_lr=1e-8)
+    prior = TwoNetGaussianPrior(first_stage_config("first_stage_kl.yaml"), **kw)
+    prior.learning_rate = 1e-4
+    oracle = LambdaWarmUpCosineScheduler(warm_up_steps=10, lr_min=1e-8, lr_max=1e-4, lr_start=2.5e-6,
+                                         max_decay_steps=100)
+    ours = [prior.learning_rate * prior.lr_factor(n) for n in range(130)]
+    theirs = [float(oracle.schedule(n)) for n in range(130)]
+    assert ours[10:] == pytest.approx(theirs[10:], rel=1e-9, abs=1e-15)
+    assert ours[:9] == pytest.approx(theirs[1:10], rel=1e-9)
+    assert ours[-1] == pytest.approx(1e-8) and max(ours) == pytest.approx(1e-4)
+    plain = TwoNetGaussianPrior(first_stage_config("first_stage_kl.yaml"), warmup_steps=4)
+    assert [plain.lr_factor(n) for n in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
