@@ -148,6 +148,9 @@ class ImageBARTPrior(LatentPrior):
             self.top = instantiate_from_config(top_config, key="top_config", **net_kw)
             names.append("top")
         self.network_names = tuple(names)
+        # which network runs each scale: `top` the last one when there is one, `model` the others
+        self.scale_networks = {t: ("top" if wants_top and (t == n_scales or not wants_model) else "model")
+                               for t in range(1, n_scales + 1)}
         for name in names:
             if self.cond_drop_prob > 0 and self.num_classes and not getattr(self, name).has_null_class:
                 raise ConfigError("cond_drop_prob", f"the {name} network's vocabulary has no null class (id "
@@ -157,15 +160,63 @@ class ImageBARTPrior(LatentPrior):
     # --- networks ---------------------------------------------------------------------------
     def network_for(self, t: int) -> str:
         """The name of scale t's network."""
-        if "top" in self.network_names and t == self.process.n_scales:
-            return "top"
-        if "model" in self.network_names:
-            return "model"
-        raise ValueError(f"scale {t} has no network here: this prior holds scale {self.single_scale} only")
+        name = self.scale_networks.get(t)
+        if name not in self.network_names or (self.single_scale and t != self.single_scale):
+            raise ValueError(f"scale {t} has no network here: this prior holds scale {self.single_scale} only")
+        return name
 
     def transition(self, t: int, ema: bool = False) -> nn.Module:
         """The network of scale t."""
         return self.network(self.network_for(t), ema)
+
+    @classmethod
+    def from_sampling_config(cls, params: dict[str, Any], source: str) -> tuple[ImageBARTPrior, dict[str, Any]]:
+        """A chain assembled from one checkpoint per scale (`checkpoints: [scale 1, ..., scale T]`, each trained
+        with `single_scale`), as the original's sampling configs do: each scale runs its checkpoint's averaged
+        network. The checkpoints must share the schedule, the vocabulary, the conditioning and the first stage."""
+        from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint
+
+        unknown = set(params) - {"checkpoints"}
+        paths = params.get("checkpoints")
+        if unknown or not isinstance(paths, list) or not paths:
+            raise CheckpointError(f"{source}: model.params takes checkpoints (a list, one per scale t = 1..T); got "
+                                  f"{sorted(params)}")
+
+        def is_imagebart(found: type) -> None:
+            if not (isinstance(found, type) and issubclass(found, ImageBARTPrior)):
+                raise CheckpointError(f"{source}: a checkpoint is of {getattr(found, '__name__', found)}, not an "
+                                      "ImageBART scale")
+
+        priors, configs = [], []
+        for path in paths:
+            prior, config = instantiate_from_checkpoint(path, check_class=is_imagebart)
+            priors.append(prior)
+            configs.append(config)
+        T = priors[0].process.n_scales
+        if len(paths) != T:
+            raise CheckpointError(f"{source}: the scale checkpoints are of a {T}-scale chain; list {T}, got {len(paths)}")
+        reference = configs[0]["model"]["params"]
+        for t, (path, prior, config) in enumerate(zip(paths, priors, configs), start=1):
+            if prior.single_scale != t:
+                trained = "every scale" if prior.single_scale is None else f"scale {prior.single_scale}"
+                raise CheckpointError(f"{source}: checkpoint {t} ({path}) was trained for {trained}, not scale {t}")
+            mine = config["model"]["params"]
+            for key in ("first_stage_config", "n_scales", "schedule", "codebook_size", "remap", "num_classes",
+                        "conditioner_config", "latent_shape"):
+                if mine.get(key) != reference.get(key):
+                    raise CheckpointError(f"{source}: the scale checkpoints disagree on {key}: scale 1 ({paths[0]}) "
+                                          f"has {reference.get(key)!r}, scale {t} ({path}) has {mine.get(key)!r}")
+        chain = priors[0]
+        for t, prior in enumerate(priors, start=1):
+            chain.add_module(f"scale{t}", prior.network(prior.network_for(t), ema=True))
+            setattr(chain, f"scale{t}_ema", None)  # already the averaged weights
+        for name in chain.network_names:
+            delattr(chain, name)
+            delattr(chain, f"{name}_ema")
+        chain.network_names = tuple(f"scale{t}" for t in range(1, T + 1))
+        chain.scale_networks = {t: f"scale{t}" for t in range(1, T + 1)}
+        chain.single_scale = None
+        return chain.eval(), configs[0]
 
     def trained_scales(self) -> list[int]:
         return [self.single_scale] if self.single_scale else list(range(1, self.process.n_scales + 1))

@@ -290,6 +290,8 @@ def instantiate_from_checkpoint(
     """
     from ldm.util import get_obj_from_str, instantiate_from_config
 
+    if str(path).endswith((".yaml", ".yml")):  # a sampling config that assembles checkpoints (ImageBART's scales)
+        return _from_sampling_config(path, check_class)
     obj = read_checkpoint(path)  # once: the config and the weights both come from it
     if config is None:
         config = _stored_config(obj, path)
@@ -311,6 +313,29 @@ def instantiate_from_checkpoint(
         model.load_ema_as_weights()
     model.eval()
     return model, config
+
+
+def _from_sampling_config(path: str | os.PathLike, check_class: Callable[[type], None] | None
+                          ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """`model: {target: <prior class>, params: {...}}` in a YAML file, built by the class's `from_sampling_config`
+    (which loads the checkpoints the params name); the config returned is the one those checkpoints share."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import get_obj_from_str
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"sampling config not found: {path}")
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    model_node = node.get("model") if isinstance(node, dict) else None
+    if not isinstance(model_node, dict) or "target" not in model_node:
+        raise CheckpointError(f"{path} is not a sampling config: it needs model.target and model.params")
+    cls = get_obj_from_str(model_node["target"], key="model.target")
+    if check_class is not None:
+        check_class(cls)
+    if not hasattr(cls, "from_sampling_config"):
+        raise CheckpointError(f"{path}: {model_node['target']} is not built from a sampling config; pass its "
+                              "checkpoint instead")
+    return cls.from_sampling_config(dict(model_node.get("params") or {}), str(path))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
