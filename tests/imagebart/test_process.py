@@ -96,3 +96,33 @@ def test_bad_schedules_are_refused(kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         schedule_betas(**kwargs)
     assert message in str(e.value)
+
+
+def test_schedule_metric_script_measures_a_table_the_schedules_read(tmp_path):
+    """scripts/schedule_metric.py on a tiny VQ writes the original's table layout; at A = 1 the score is the first
+    stage's own reconstruction's, and the table gives a monotone custom schedule through the same reader as the
+    paper's tables."""
+    from ldm.cli import run
+    from tests.test_script_checks import save_checkpoint
+    from tests.test_scripts import load
+
+    ckpt = save_checkpoint("first_stage_vq.yaml", tmp_path / "vq.ckpt")
+    out = tmp_path / "table.json"
+    argv = ["-r", ckpt, "--split", "validation", "--limit", "4", "--levels", "5", "--metrics", "PSNR,SSIM",
+            "--out", str(out)]
+    assert run(lambda: load("schedule_metric").main(argv)) == 0
+    table = json.loads(out.read_text())["bernoulli"]
+    assert table["alphacum"] == [1.0, 0.75, 0.5, 0.25, 0.0] and len(table["PSNR"]) == 5 == len(table["SSIM"])
+    from ldm.checkpoint import instantiate_from_checkpoint
+    from ldm.metrics.eval_data import image_split
+    from ldm.metrics.image import psnr
+    from ldm.metrics.prior_eval import dataset_images
+
+    vq, config = instantiate_from_checkpoint(ckpt)
+    images = dataset_images(image_split(config, "validation")[0], 4)
+    with torch.no_grad():
+        recon = vq.decode_indices(vq.encode_to_indices(images)).clamp(-1, 1)
+    assert table["PSNR"][0][0] == pytest.approx(float(psnr(recon, images).mean()), rel=1e-5)
+    betas = schedule_betas(3, "metric", table=out, metric="PSNR")
+    process = MultinomialDiffusion(16, betas)
+    assert process.alphacum[0] == 1 and all(process.alphacum[1:] <= process.alphacum[:-1])
