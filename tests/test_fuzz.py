@@ -218,7 +218,7 @@ def config_mutations(config: dict) -> Iterator[tuple[Case, dict]]:
                            (dotted(path[:-1]), target.rsplit(".", 1)[-1]), path), changed(config, path, target)
 
 
-CONFIG_NAMES = ["first_stage_vq", "first_stage_kl", "absorbing"]
+CONFIG_NAMES = ["first_stage_vq", "first_stage_kl", "absorbing", "imagebart"]
 
 
 def load_config(name: str) -> dict:
