@@ -103,7 +103,7 @@ class LatentPrior(pl.LightningModule):
             raise ValueError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
         self.cond_drop_prob, self.posterior = cond_drop_prob, posterior
         self.use_ema, self.ema_decay = use_ema, ema_decay
-        self.weight_decay, self.betas, self.warmup_steps = weight_decay, tuple(betas), warmup_steps
+        self.weight_decay, self.adam_betas, self.warmup_steps = weight_decay, tuple(betas), warmup_steps
         if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
             raise ConfigError("lr_decay_steps", f"must be after the warm-up ({warmup_steps} steps), got {lr_decay_steps}")
         self.warmup_start_lr, self.lr_decay_steps, self.min_lr = warmup_start_lr, lr_decay_steps, min_lr
@@ -444,7 +444,7 @@ class LatentPrior(pl.LightningModule):
         return params + [p for p in self.conditioner.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trained_parameters(), lr=self.learning_rate, betas=self.betas,
+        opt = torch.optim.AdamW(self.trained_parameters(), lr=self.learning_rate, betas=self.adam_betas,
                                 weight_decay=self.weight_decay)
         if not self.warmup_steps and self.lr_decay_steps is None:
             return opt

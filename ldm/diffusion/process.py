@@ -31,16 +31,16 @@ def make_beta_schedule(schedule: Schedule, timesteps: int, linear_start: float =
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
     # torch's float64 linspace and cos, as the original (numpy's differ in the last bit)
     if schedule == "linear":
-        return (torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2).numpy()
+        return (torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64, device="cpu") ** 2).numpy()
     if schedule == "cosine":
-        t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + cosine_s
+        t = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps + cosine_s
         a = torch.cos(t / (1 + cosine_s) * np.pi / 2).pow(2)
         a = a / a[0]
         return np.clip((1 - a[1:] / a[:-1]).numpy(), 0, 0.999)
     if schedule == "sqrt_linear":
-        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64).numpy()
+        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64, device="cpu").numpy()
     if schedule == "sqrt":
-        return (torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64) ** 0.5).numpy()
+        return (torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64, device="cpu") ** 0.5).numpy()
     raise ValueError(f"beta_schedule must be one of linear, cosine, sqrt_linear, sqrt; got {schedule!r}")
 
 

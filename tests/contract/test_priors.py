@@ -21,7 +21,7 @@ from ldm.train import main
 from ldm.util import instantiate_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
-PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml", "imagebart.yaml"]
+PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml", "imagebart.yaml", "ldm.yaml"]
 
 
 def build(name: str, seed: int = 0):
@@ -56,13 +56,23 @@ def test_loss_is_finite_and_gradients_reach_every_parameter(prior):
     model, _, _ = prior
     model.train()
     batch = fake_batch(model)
-    loss, logs = model.compute_loss(model.get_latents(batch), model.get_cond(batch))
-    assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
-    model.zero_grad()
-    loss.backward()
     params = dict(model.named_parameters())
     trained = {id(p) for p in model.trained_parameters()}
-    missing = [n for n, p in params.items() if id(p) in trained and (p.grad is None or not p.grad.any())]
+    # a network whose blocks start as the identity (the UNet's zero-initialised output layers, as the original)
+    # passes gradient everywhere from its third step on (the output layer, then each block's last layer, must
+    # leave zero first): up to two SGD steps are taken before the check
+    for attempt in range(3):
+        loss, logs = model.compute_loss(model.get_latents(batch), model.get_cond(batch))
+        assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
+        model.zero_grad()
+        loss.backward()
+        missing = [n for n, p in params.items() if id(p) in trained and (p.grad is None or not p.grad.any())]
+        if not missing:
+            break
+        with torch.no_grad():
+            for p in model.trained_parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad.sign()
     assert not missing, f"no gradient reaches {missing}"
     assert all(p.grad is None for p in model.first_stage_model.parameters())  # frozen
     # the trainable set is exactly the networks (+ a trainable conditioner): no EMA copy, no first stage
@@ -186,6 +196,8 @@ def test_inpainting_keeps_the_known_region(prior):
     known = model.latent_mask(mask, images)
     assert known.any() and not known.all()
     filled = model.inpaint_latents(latents, known, model.user_cond(cond, 2), torch.Generator().manual_seed(0))
+    if latents.dim() == 4:  # continuous latents: the grid's mask holds for every channel
+        known = known[:, None].expand_as(latents)
     assert torch.equal(filled[known], latents[known])
 
 

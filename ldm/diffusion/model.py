@@ -1,0 +1,344 @@
+"""The latent Gaussian diffusion prior (Rombach et al. 2022): wires the process, the UNet and the frozen first
+stage (a KL autoencoder's latents, or a VQ's pre-quantisation latents as latent-diffusion's LDM-VQ).
+
+Conditioning travels as the base's dict: `class_label` to the UNet's class embedding, `context` /
+`context_mask` (text embeddings) to its cross-attention, `concat` concatenated to its input channels.
+Sampling runs the sampler the options name (`ldm.diffusion.sampling`); inpainting blends the known latents,
+noised to each step's level, into every DDIM step (latent-diffusion's way) or runs RePaint (Lugmayr et al.
+2022: jumps back up the chain re-noised with the forward process's variance, `repaint_jump` steps, each
+stretch resampled `repaint_resample` times). `nll` is the variational bound in bits per latent dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ldm.conditioning import Cond
+from ldm.diffusion import sampling as samplers
+from ldm.diffusion.process import SCHEDULE_KEYS, GaussianDiffusion, LossType, Parameterization, Schedule, extract
+from ldm.prior import LatentPrior
+from ldm.sampler_options import Option, SamplerOptions
+from ldm.util import ConfigError, NonNegativeFloat, PositiveInt, instantiate_from_config
+
+SAMPLERS = ("ddim", "plms", "dpm++2m", "euler", "heun", "ddpm")
+
+
+def _default(name: str) -> Any:
+    return lambda prior, _: prior.sample_defaults[name]
+
+
+def _max_steps(prior: LatentDiffusionPrior, _: Any = None) -> int:
+    return prior.process.num_timesteps
+
+
+SAMPLER_OPTIONS = SamplerOptions(
+    Option("sampler", str, _default("sampler"), choices=SAMPLERS,
+           help="ddim (eta), plms, dpm++2m (DPM-Solver++ 2M), euler / heun (Karras sigmas, churn), ddpm (all T steps)"),
+    Option("steps", int, _default("steps"), low=1, high=_max_steps,
+           help="sampler steps (network evaluations; heun spends two per step but the last); ddpm runs all T"),
+    Option("eta", float, 0.0, low=0.0, high=1.0, help="DDIM's eta: 0 deterministic, 1 as ancestral sampling"),
+    Option("s_churn", float, 0.0, low=0.0, help="euler / heun: Karras et al.'s churn, noise added back per step"),
+    Option("guidance_scale", float, 1.0, low=0.0, conditional_only=True,
+           help="classifier-free guidance u + s (c - u) on the network output: 1 is the conditional model; needs a "
+                "prior trained with cond_drop_prob > 0"),
+    Option("guidance_rescale", float, 0.0, low=0.0, high=1.0, conditional_only=True,
+           help="pull the guided output's spread back towards the conditional one's (Lin et al. 2023): 0 off"),
+    Option("inpaint_method", str, "blend", choices=("blend", "repaint"), modes=("inpaint",),
+           help="blend: known latents noised to each DDIM step's level replace the sample's there; repaint: "
+                "RePaint's resampling"),
+    Option("repaint_jump", int, 10, low=1, modes=("inpaint",), help="RePaint: DDPM steps per jump back"),
+    Option("repaint_resample", int, 5, low=1, modes=("inpaint",),
+           help="RePaint: times each stretch is sampled (1: no resampling)"),
+)
+
+
+class LatentDiffusionPrior(LatentPrior):
+    """A UNet denoising continuous latents; class, text (cross-attention) or concatenated-image conditioning."""
+
+    latent_kind = "continuous"
+    sampler_options = SAMPLER_OPTIONS
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        unet_config: Mapping[str, Any],
+        timesteps: PositiveInt = 1000,
+        beta_schedule: Schedule = "linear",
+        linear_start: NonNegativeFloat = 0.00085,
+        linear_end: NonNegativeFloat = 0.012,
+        cosine_s: NonNegativeFloat = 8e-3,
+        parameterization: Parameterization = "eps",
+        loss_type: LossType = "l2",
+        min_snr_gamma: float | None = None,
+        sample_defaults: Mapping[str, Any] | None = None,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        **prior_kw: Any,
+    ):
+        super().__init__(first_stage_config, **prior_kw)
+        try:
+            self.process = GaussianDiffusion(timesteps, beta_schedule, linear_start, linear_end, cosine_s,
+                                             parameterization, loss_type, min_snr_gamma)
+        except ValueError as e:
+            raise ConfigError("model.params", str(e)) from None
+        for key, value in self.process.buffers.items():  # latent-diffusion's top-level schedule buffers
+            self.register_buffer(key, value.clone())
+        keys = set(self.conditioner.keys)
+        unknown = keys - {"class_label", "context", "context_mask", "concat"}
+        if unknown:
+            raise ValueError(f"the UNet takes class_label, context (+ context_mask) and concat; the conditioner "
+                             f"gives {sorted(unknown)} too")
+        c = self.latent_shape[0]
+        net_kw: dict[str, Any] = {}
+        params = dict(unet_config.get("params") or {})
+        if "class_label" in keys and "num_classes" not in params:
+            net_kw["num_classes"] = self.num_classes + 1  # the last row is the null class of guidance
+        elif "class_label" in keys and self.cond_drop_prob > 0 and params["num_classes"] <= self.num_classes:
+            raise ConfigError("unet_config.params.num_classes", f"conditioning dropout needs a row for the null class "
+                                                                f"{self.num_classes}: at least {self.num_classes + 1}")
+        self.model = instantiate_from_config(unet_config, key="unet_config", **net_kw)
+        extra = self._concat_channels()
+        if self.model.in_channels != c + extra:
+            raise ConfigError("unet_config.params.in_channels", f"the latents have {c} channels"
+                              + (f" and the concatenated image {extra}" if extra else "") +
+                              f", so the UNet takes {c + extra}; it is configured for {self.model.in_channels}")
+        if self.model.out_channels != c:
+            raise ConfigError("unet_config.params.out_channels", f"must be the latents' {c} channels, got "
+                                                                 f"{self.model.out_channels}")
+        if ("class_label" in keys) != (self.model.num_classes is not None):
+            raise ConfigError("unet_config.params.num_classes", "a class-conditional prior needs a UNet with "
+                                                                "num_classes, and only it")
+        self.sample_defaults = {"sampler": "ddim", "steps": 50}
+        try:
+            self.sample_defaults.update(self.check_sampler_options(dict(sample_defaults or {})))
+        except ValueError as e:
+            raise ConfigError("sample_defaults", str(e)) from None
+        self.finish_init(ckpt_path, ignore_keys)
+
+    def _concat_channels(self) -> int:
+        parts = getattr(self.conditioner, "parts", {"": self.conditioner})
+        return sum(p.shape[0] for p in parts.values() if getattr(p, "out_key", None) == "concat")
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A latent-diffusion checkpoint: `model.diffusion_model.*` is the UNet, `model_ema.diffusion_model*` its
+        average; its schedule buffers must be this config's."""
+        if not any(k.startswith("model.diffusion_model.") for k in state):
+            return state
+        out = {}
+        for k, v in state.items():
+            if k.startswith("model.diffusion_model."):
+                out["model." + k[len("model.diffusion_model."):]] = v
+            elif k.startswith("model_ema.diffusion_model"):
+                out["model_ema." + k[len("model_ema.diffusion_model"):]] = v
+            elif k in ("model_ema.decay", "model_ema.num_updates") or k in SCHEDULE_KEYS or k == "scale_factor":
+                out[k] = v
+            elif k.startswith("first_stage_model."):
+                out[k] = v
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        for key in SCHEDULE_KEYS:
+            if key in state_dict and not torch.equal(state_dict[key].float().cpu(), self.process.buffers[key]):
+                raise ValueError(f"the checkpoint's noise schedule ({key}) is not this config's: check timesteps, "
+                                 "beta_schedule, linear_start and linear_end")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # --- the network --------------------------------------------------------------------------
+    def denoiser(self, ema: bool = False):
+        """`net(x (B, C, h, w), t (B,), cond dict) -> output` on the trained or averaged UNet."""
+        net = self.network("model", ema)
+
+        def call(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+            cond = cond or {}
+            if "concat" in cond:
+                x = torch.cat([x, cond["concat"].to(x.dtype)], 1)
+            return net(x, t, context=cond.get("context"), y=cond.get("class_label"),
+                       context_mask=cond.get("context_mask"))
+
+        return call
+
+    def compute_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None = None,
+                     ema: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ldm.distributed import draw_local
+
+        b = latents.shape[0]
+        gen_device = generator.device if generator is not None else latents.device
+        t = draw_local(lambda m: torch.randint(0, self.process.num_timesteps, (m,), generator=generator,
+                                               device=gen_device), b, latents.device).to(latents.device)
+        noise = draw_local(lambda m: torch.randn((m, *latents.shape[1:]), generator=generator, device=gen_device),
+                           b, latents.device).to(latents.device)
+        out = self.denoiser(ema)(self.process.q_sample(latents, t, noise), t, cond)
+        loss = self.process.training_loss(out, latents, noise, t)
+        return loss.mean(), {"loss_simple": loss.mean().detach()}
+
+    # --- sampling -----------------------------------------------------------------------------
+    def _model_fn(self, n: int, cond: Cond, ema: bool, guidance_scale: float, guidance_rescale: float):
+        if guidance_scale != 1.0 and cond and self.cond_drop_prob == 0:
+            raise ValueError("guidance_scale needs a prior trained with conditioning dropout (cond_drop_prob > 0); "
+                             "this one was trained with 0, so it has no unconditional model")
+        return samplers.guided(self.denoiser(ema), cond or None, self.null_cond(n) if cond else None,
+                               guidance_scale, guidance_rescale)
+
+    def _run(self, model, x_T: torch.Tensor, generator: torch.Generator | None, callback: Any, sampler: str,
+             steps: int, eta: float, s_churn: float) -> torch.Tensor:
+        p = self.process
+        if sampler == "ddpm":
+            return samplers.ddpm(model, p, x_T, generator, callback)
+        if sampler == "ddim":
+            return samplers.ddim(model, p, x_T, steps, generator, callback, eta=eta)
+        if sampler == "plms":
+            return samplers.plms(model, p, x_T, steps, generator, callback)
+        if sampler == "dpm++2m":
+            return samplers.dpm_solver_pp(model, p, x_T, steps, generator, callback)
+        den = samplers.VPDenoiser(model, p)
+        sigmas = samplers.karras_sigmas(steps, den.sigma_min, den.sigma_max, device=x_T.device)
+        fn = samplers.heun if sampler == "heun" else samplers.euler
+        return fn(den, x_T * sigmas[0], sigmas, generator, callback, s_churn=s_churn)
+
+    def _noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        gen_device = generator.device if generator is not None else self.device
+        return torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(self.device)
+
+    def sample_latents(self, n: int, cond: Cond, generator: torch.Generator | None, ema: bool = True,
+                       callback: Any = None, **kw: Any) -> torch.Tensor:
+        o = {**self.sample_defaults, **kw}
+        model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
+        return self._run(model, self._noise(n, generator), generator, callback, o["sampler"], o["steps"],
+                         o.get("eta", 0.0), o.get("s_churn", 0.0))
+
+    def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
+                        generator: torch.Generator | None, ema: bool = True, callback: Any = None,
+                        **kw: Any) -> torch.Tensor:
+        """Latents (B, C, h, w) with `known` (B, h, w) held: blended DDIM or RePaint, then the known latents
+        pasted exactly."""
+        if known.shape != (latents.shape[0], *latents.shape[2:]):
+            raise ValueError(f"known mask {tuple(known.shape)} does not match the latent grid "
+                             f"{(latents.shape[0], *latents.shape[2:])}")
+        o = {**self.sample_defaults, **kw}
+        n = latents.shape[0]
+        model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
+        mask = known[:, None].to(latents.dtype)
+        if o.get("inpaint_method", "blend") == "repaint":
+            x = self._repaint(model, latents, mask, generator, callback, o.get("repaint_jump", 10),
+                              o.get("repaint_resample", 5))
+        else:
+            x = self._blended_ddim(model, latents, mask, generator, callback, o["steps"], o.get("eta", 0.0))
+        return torch.where(known[:, None].expand_as(latents), latents, x)
+
+    def _blended_ddim(self, model, x0: torch.Tensor, mask: torch.Tensor, generator, callback, steps: int,
+                      eta: float) -> torch.Tensor:
+        """latent-diffusion's mask-blended DDIM: before each step the known region is x_0 noised to its level."""
+        p = self.process
+        ts = samplers.ddim_timesteps(p.num_timesteps, steps)
+        x = self._noise(x0.shape[0], generator)
+        alphas, alphas_prev = samplers._ddim_alphas(p, ts)
+        for i in reversed(range(len(ts))):
+            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
+            x = mask * p.q_sample(x0, t, self._noise(x.shape[0], generator)) + (1 - mask) * x
+            out = model(x, t)
+            eps, x0_pred = p.predict_eps(x, t, out), p.predict_x0(x, t, out)
+            a, a_prev = alphas[i], alphas_prev[i]
+            sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+            x = math.sqrt(a_prev) * x0_pred + math.sqrt(1 - a_prev - sigma**2) * eps
+            if sigma > 0:
+                x = x + sigma * self._noise(x.shape[0], generator)
+            if callback is not None:
+                callback({"i": len(ts) - 1 - i, "steps": len(ts), "x": x, "pred_x0": x0_pred, "t": ts[i]})
+        return x
+
+    def _repaint(self, model, x0: torch.Tensor, mask: torch.Tensor, generator, callback, jump: int,
+                 resample: int) -> torch.Tensor:
+        """RePaint over all T steps: each DDPM step joins the known region (x_0 noised to t-1) with the sampled
+        one; after every `jump` steps the sample goes back up `jump` steps through q(x_t | x_{t-1}) (variance
+        b_t per step) and the stretch is sampled again, `resample` times in all."""
+        p = self.process
+        T = p.num_timesteps
+        x = self._noise(x0.shape[0], generator)
+        schedule = repaint_schedule(T, jump, resample)
+        for i, (t_cur, t_next) in enumerate(zip(schedule[:-1], schedule[1:])):
+            if t_next < t_cur:  # down: one reverse step t_cur -> t_next = t_cur - 1
+                t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.long)
+                x0_pred = p.predict_x0(x, t, model(x, t))
+                mean, _, logvar = p.q_posterior(x0_pred, x, t)
+                unknown = mean + (torch.exp(0.5 * logvar) * self._noise(x.shape[0], generator) if t_cur > 0 else 0.0)
+                if t_cur > 0:
+                    known = p.q_sample(x0, t - 1, self._noise(x.shape[0], generator))
+                else:
+                    known = x0
+                x = mask * known + (1 - mask) * unknown
+            else:  # up: re-noise one step, x_{t+1} ~ N(sqrt(1 - b) x_t, b)
+                beta = extract(p.betas, torch.full((x.shape[0],), t_next, device=x.device, dtype=torch.long), x.shape)
+                x = (1 - beta).sqrt() * x + beta.sqrt() * self._noise(x.shape[0], generator)
+            if callback is not None:
+                callback({"i": i, "steps": len(schedule) - 1, "x": x, "t": t_next})
+        return x
+
+    # --- likelihood ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def nll_latents(self, latents: torch.Tensor, cond: Cond, ema: bool = True, generator: torch.Generator | None = None,
+                    timesteps: Sequence[int] | None = None, **_: Any) -> torch.Tensor:
+        """The variational bound on -log p(z) in bits per latent dimension (improved-diffusion's `calc_bpd_loop`):
+        KL(q(z_T | z) || N(0, I)) + the KL of every reverse step + the decoder term at t = 0, a Gaussian
+        log-density with the posterior's smallest variance (the latents are continuous, not 8-bit pixels)."""
+        p = self.process
+        model = self._model_fn(latents.shape[0], cond, ema, 1.0, 0.0)
+        dims = latents[0].numel()
+        T = p.num_timesteps
+        ac_T = extract(p.alphas_cumprod, torch.full((latents.shape[0],), T - 1, device=latents.device), latents.shape)
+        mean_T, var_T = ac_T.sqrt() * latents, 1 - ac_T
+        total = normal_kl(mean_T, var_T.log(), torch.zeros_like(latents), torch.zeros_like(latents)).flatten(1).sum(1)
+        steps = range(T) if timesteps is None else timesteps
+        for step in steps:
+            t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
+            gen_device = generator.device if generator is not None else latents.device
+            noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(latents.device)
+            x_t = p.q_sample(latents, t, noise)
+            x0_pred = p.predict_x0(x_t, t, model(x_t, t))
+            mean_pred, var, logvar = p.q_posterior(x0_pred, x_t, t)
+            if int(step) == 0:
+                term = -gaussian_log_density(latents, mean_pred, torch.log(extract(p.posterior_variance, t + 1, latents.shape)))
+            else:
+                mean_true, _, logvar_true = p.q_posterior(latents, x_t, t)
+                term = normal_kl(mean_true, logvar_true, mean_pred, logvar)
+            weight = T / len(steps) if timesteps is not None else 1.0
+            total = total + weight * term.flatten(1).sum(1)
+        return total / (dims * math.log(2.0))
+
+    def sampling_forward(self, n: int, cond: Any = None, guidance_scale: float = 1.0, use_ema: bool = True, **_: Any):
+        """One bare UNet forward on the inputs a sampling step feeds it (the doubled batch under guidance)."""
+        c = self.user_cond(cond, n)
+        model = samplers.guided(self.denoiser(use_ema), c or None, self.null_cond(n) if c else None, guidance_scale)
+        x = self._noise(n, torch.Generator(device=self.device).manual_seed(0))
+        t = torch.full((n,), self.process.num_timesteps // 2, device=self.device, dtype=torch.long)
+        return lambda: model(x, t)
+
+
+def repaint_schedule(T: int, jump: int, resample: int) -> list[int]:
+    """RePaint's time path from T-1 down to -1 (done): every `jump` steps down, `resample - 1` times back up
+    `jump` steps and down again."""
+    times, t = [T - 1], T - 1
+    done_jumps: dict[int, int] = {}
+    while t >= 0:
+        t -= 1
+        times.append(t)
+        if t >= 0 and (T - 1 - t) % jump == 0 and t + jump <= T - 1 and done_jumps.get(t, 0) < resample - 1:
+            done_jumps[t] = done_jumps.get(t, 0) + 1
+            for _ in range(jump):
+                t += 1
+                times.append(t)
+    return times
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+

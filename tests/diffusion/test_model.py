@@ -1,0 +1,101 @@
+"""The latent diffusion prior: every sampler through the prior interface, RePaint's schedule and inpainting, the
+bound, the latent-diffusion checkpoint layout, and the errors bad input gets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.diffusion.model import repaint_schedule
+from ldm.util import ConfigError
+from tests.fixture_paths import fixture_dir
+from tests.toy import build_from_config
+
+CFG = Path(__file__).resolve().parents[2] / "configs" / "test" / "ldm.yaml"
+
+
+def build(**overrides):
+    return build_from_config(CFG, **overrides)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm++2m", "euler", "heun", "ddpm"])
+def test_every_sampler_runs_through_the_prior_and_is_seeded(sampler):
+    model = build().eval()
+    kw = dict(cond=[1, 2], sampler=sampler, steps=3, guidance_scale=2.0)
+    a = model.sample(2, generator=torch.Generator().manual_seed(0), **kw)
+    b = model.sample(2, generator=torch.Generator().manual_seed(0), **kw)
+    assert a.shape == (2, 1, 32, 32) and torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_repaint_schedule_goes_back_up_and_ends_below_zero():
+    times = repaint_schedule(10, jump=3, resample=2)
+    assert times[0] == 9 and times[-1] == -1
+    ups = sum(1 for a, b in zip(times, times[1:]) if b > a)
+    assert ups == 3 * 3  # three jumps (at t = 6, 3, 0) of three steps each, once each (resample 2)
+    assert all(abs(b - a) == 1 for a, b in zip(times, times[1:]))
+    assert repaint_schedule(5, jump=2, resample=1) == [4, 3, 2, 1, 0, -1]
+
+
+@pytest.mark.parametrize("method", ["blend", "repaint"])
+def test_inpainting_methods_keep_the_known_latents(method):
+    model = build(**{"model.params.timesteps": 20}).eval()
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    known = torch.zeros(2, 16, 16, dtype=torch.bool)
+    known[:, :8] = True
+    out = model.inpaint_latents(latents, known, model.user_cond([3, 4], 2), torch.Generator().manual_seed(1),
+                                inpaint_method=method, steps=4, repaint_jump=5, repaint_resample=2)
+    assert torch.equal(out[:, :, :8], latents[:, :, :8]) and not torch.equal(out[:, :, 8:], latents[:, :, 8:])
+
+
+def test_latent_diffusion_checkpoint_layout_loads(tmp_path):
+    """A latent-diffusion state dict (`model.diffusion_model.*`, `model_ema.diffusion_model*`, the schedule
+    buffers, `scale_factor`) loads into the prior through ckpt_path."""
+    ref = build(**{"model.params.timesteps": 1000, "model.params.linear_start": 0.0015,
+                   "model.params.linear_end": 0.0155})
+    state = {}
+    for k, v in ref.state_dict().items():
+        if k.startswith("model."):
+            state["model.diffusion_model." + k[len("model."):]] = v.clone()
+        elif k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates"):
+            state["model_ema.diffusion_model" + k[len("model_ema."):]] = v.clone()
+        elif not k.startswith("first_stage_model."):
+            state[k] = v.clone()
+    layout = json.loads((fixture_dir("latent-diffusion", "ldm_ckpt_layout") / "layouts.json").read_text())
+    schedule_keys = {k for k, _, _ in layout["layouts"]["unconditional_noema"]["state_dict_layout"] if "." not in k}
+    assert schedule_keys <= set(state)  # the top-level buffers of a latent-diffusion checkpoint are all here
+    torch.save({"state_dict": state}, tmp_path / "ldm.ckpt")
+    loaded = build(**{"model.params.timesteps": 1000, "model.params.linear_start": 0.0015,
+                      "model.params.linear_end": 0.0155, "model.params.ckpt_path": str(tmp_path / "ldm.ckpt")})
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.state_dict().items() if k.startswith("model"))
+    with pytest.raises(ValueError, match=r"the checkpoint's noise schedule \(betas\) is not this config's"):
+        build(**{"model.params.timesteps": 1000, "model.params.linear_start": 0.0015,
+                 "model.params.linear_end": 0.012, "model.params.ckpt_path": str(tmp_path / "ldm.ckpt")})
+    with pytest.raises(ValueError, match=r"12 shape mismatch\(es\): betas: \(1000,\) in .*, \(100,\) in "
+                                         r"LatentDiffusionPrior"):
+        build(**{"model.params.ckpt_path": str(tmp_path / "ldm.ckpt")})
+
+
+def test_nll_is_a_bound_in_bits_per_dimension():
+    model = build(**{"model.params.timesteps": 10}).eval()
+    batch = {"image": torch.rand(2, 1, 32, 32) * 2 - 1, "class_label": torch.tensor([1, 2])}
+    bits = model.nll(batch, generator=torch.Generator().manual_seed(0))
+    assert bits.shape == (2,) and torch.isfinite(bits).all()
+
+
+def test_bad_input_is_refused():
+    model = build(**{"model.params.cond_drop_prob": 0.0}).eval()
+    with pytest.raises(ValueError, match=r"guidance_scale needs a prior trained with conditioning dropout "
+                                         r"\(cond_drop_prob > 0\); this one was trained with 0"):
+        model.sample(1, cond=1, guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"steps must be an integer in 1..100, got 101"):
+        model.sample(1, cond=1, steps=101)
+    with pytest.raises(ValueError, match=r"cond must be a class label or one per sample, in 0..9"):
+        model.sample(2, cond=[1, 12])
+    with pytest.raises(ValueError, match=r"sampler must be one of ddim, plms, dpm\+\+2m, euler, heun, ddpm, got 'lms'"):
+        model.sample(1, cond=1, sampler="lms")
+    with pytest.raises(ConfigError, match=r"unet_config.params.in_channels: the latents have 4 channels, so the UNet "
+                                          r"takes 4; it is configured for 3"):
+        build(**{"model.params.unet_config.params.in_channels": 3})
