@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import torch
 
+from imagebart.process import MultinomialDiffusion
 from ldm.conditioning import Cond
 from ldm.logits import sample_categorical
-from imagebart.process import MultinomialDiffusion
 
 Callback = Callable[[dict[str, Any]], None]
 

@@ -19,7 +19,14 @@ import torch
 
 from ldm.conditioning import Cond
 from ldm.diffusion import sampling as samplers
-from ldm.diffusion.process import SCHEDULE_KEYS, GaussianDiffusion, LossType, Parameterization, Schedule, extract
+from ldm.diffusion.process import (
+    SCHEDULE_KEYS,
+    GaussianDiffusion,
+    LossType,
+    Parameterization,
+    Schedule,
+    extract,
+)
 from ldm.prior import LatentPrior
 from ldm.sampler_options import Option, SamplerOptions
 from ldm.util import ConfigError, NonNegativeFloat, PositiveInt, instantiate_from_config

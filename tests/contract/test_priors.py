@@ -61,7 +61,7 @@ def test_loss_is_finite_and_gradients_reach_every_parameter(prior):
     # a network whose blocks start as the identity (the UNet's zero-initialised output layers, as the original)
     # passes gradient everywhere from its third step on (the output layer, then each block's last layer, must
     # leave zero first): up to two SGD steps are taken before the check
-    for attempt in range(3):
+    for _ in range(3):
         loss, logs = model.compute_loss(model.get_latents(batch), model.get_cond(batch))
         assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
         model.zero_grad()

@@ -60,7 +60,7 @@ def test_training_fits_one_batch():
     latents, cond = model.get_latents(b), model.get_cond(b)
     opt = torch.optim.Adam(model.trained_parameters(), lr=3e-3)
     first = None
-    for step in range(150):
+    for _ in range(150):
         loss, _ = model.compute_loss(latents, cond, generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
