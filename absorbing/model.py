@@ -84,6 +84,7 @@ class AbsorbingPrior(LatentPrior):
                 f"codebook_size={codebook_size}; they must be equal"
             )
         self.process = AbsorbingDiffusion(codebook_size, num_timesteps, mask_schedule, loss_type, time_sampling)
+        self.codebook_size = int(codebook_size)
         self.seq_len = int(self.latent_shape[-2] * self.latent_shape[-1])
         backbone_kw: dict[str, Any] = {"vocab_size": codebook_size, "seq_len": self.seq_len}
         if self.num_classes:

@@ -4,6 +4,7 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
     python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --batch 64 --steps 32
     python scripts/benchmark.py --config configs/absorbing/fmnist.yaml    # random weights, same shapes
     python scripts/benchmark.py --config configs/sundae/ffhq256.yaml --cost-lengths 256,1024 --batch 4
+    python scripts/benchmark.py --config configs/sundae/ffhq1024.yaml --one-step --batch 1  # builds and runs
     python scripts/benchmark.py --config configs/imagebart/fmnist.yaml --compare-cache --batch 8 \
         model.params.latent_shape=[16,16]    # 256 tokens: cached against uncached decoding
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-cache", action="store_true",
                    help="time sampling with the key/value cache against without it (priors with a use_cache "
                         "option), and check both give the same samples")
+    p.add_argument("--one-step", action="store_true",
+                   help="build the prior (random weights with --config) and run one training step and one "
+                        "sampling step at --batch on random latents of its shape: time and peak memory")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config, e.g. "
                                                 "model.params.latent_shape=[16,16]")
     return p
@@ -90,6 +94,42 @@ def hourglass_cost(prior, args: argparse.Namespace) -> int:
     rows = compare_with_plain(net, lengths, batch=args.batch, repeats=args.repeats,
                               device=args.device or prior.device)
     print(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    return 0
+
+
+def one_step(prior, args: argparse.Namespace) -> int:
+    """One optimizer step on random latents of the prior's shape, then one sampling step, at --batch: that a
+    configuration builds and runs at all on this machine, with its times and the process's peak memory."""
+    import resource
+
+    n = args.batch
+    g = torch.Generator(device=prior.device).manual_seed(0)
+    if prior.latent_kind == "tokens":
+        latents = torch.randint(0, prior.codebook_size, (n, *prior.latent_shape[-2:]), generator=g, device=prior.device)
+    else:
+        latents = torch.randn((n, *prior.latent_shape), generator=g, device=prior.device)
+    cond = prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
+    prior.train()
+    optimizer = torch.optim.AdamW(prior.trained_parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    loss, _ = prior.compute_loss(latents, cond, generator=g)
+    loss.backward()
+    optimizer.step()
+    train_s = time.perf_counter() - t0
+    prior.eval()
+    names = prior.sampler_options.names()
+    options = {"steps": 1} if "steps" in names else {}
+    if "min_steps" in names:
+        options["min_steps"] = None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sample = prior.sample_latents(n, cond, g, **options)
+    sample_s = time.perf_counter() - t0
+    result = {"prior": type(prior).__name__, "parameters": sum(p.numel() for p in prior.trained_parameters()),
+              "batch": n, "latent_shape": list(prior.latent_shape), "loss": float(loss), "train_step_s": train_s,
+              "sampling_step_s": sample_s, "sample_shape": list(sample.shape), "threads": torch.get_num_threads(),
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -136,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost_lengths is not None:
         with torch.enable_grad():
             return hourglass_cost(prior, args)
+    if args.one_step:
+        with torch.enable_grad():
+            return one_step(prior, args)
     if not hasattr(prior, "sampling_forward"):
         raise SystemExit(f"{type(prior).__name__} does not offer sampling_forward(), the network call one "
                          "sampling step makes; it cannot be benchmarked")

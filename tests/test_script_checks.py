@@ -190,6 +190,14 @@ def test_benchmark_compares_cached_and_uncached_decoding(capsys):
     assert result["same_samples"] is True and result["tokens"] == 16 and result["speedup"] > 0
 
 
+@pytest.mark.parametrize("config", ["sundae.yaml", "ldm.yaml"])
+def test_benchmark_one_step_trains_and_samples_a_config(config, capsys):
+    assert run(lambda: load("benchmark").main(["--config", str(CONFIGS / config), "--one-step", "--batch", "1"])) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["sample_shape"][0] == 1 and result["train_step_s"] > 0 and result["peak_rss_gib"] > 0
+
+
 def test_benchmark_refuses_options_the_prior_lacks(ckpts, tmp_path, capsys):
     assert refused("benchmark", ["-r", ckpts["prior"], "--compare-cache"], tmp_path, capsys) == \
         "--compare-cache: AbsorbingPrior has no use_cache option"
