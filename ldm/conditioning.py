@@ -211,6 +211,44 @@ class Text(Conditioner):
         return {self.out_key: text if self.kind == "ids" else text.float(), self.out_mask_key: mask}
 
 
+class Caption(Text):
+    """Captions as strings (`batch[key]`, or `sample(n, cond="a photo of a sandal")`), as UTF-8 byte ids with
+    their mask for a byte-level text encoder; the null caption is the empty one."""
+
+    def __init__(self, max_length: int = 32, key: str = "caption", out_key: str = "context",
+                 out_mask_key: str = "context_mask"):
+        from ldm.nn.text import BYTE_VOCAB
+
+        super().__init__(max_length, kind="ids", vocab_size=BYTE_VOCAB, key=key, out_key=out_key,
+                         out_mask_key=out_mask_key)
+
+    def _ids(self, value: Any, n: int, device: torch.device | str) -> Cond:
+        from ldm.nn.text import byte_ids
+
+        texts = [value] * n if isinstance(value, str) else list(value)
+        if len(texts) != n or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"cond must be {self.describe()} for {n} samples, got {value!r}")
+        ids, mask = byte_ids(texts, self.max_length)
+        return {self.out_key: ids.to(device), self.out_mask_key: mask.to(device)}
+
+    def encode(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> Cond:
+        if self.key not in batch:
+            raise KeyError(f"the batch has no {self.key!r} (captions); keys: {sorted(batch)}")
+        value = batch[self.key]
+        return self._ids(value, len(value), device) if not torch.is_tensor(value) else super().encode(batch, device)
+
+    def describe(self) -> str:
+        return f"a caption or one per sample (strings, up to {self.max_length} UTF-8 bytes are used)"
+
+    def from_user(self, value: Any, n: int, device: torch.device | str = "cpu") -> Cond:
+        if isinstance(value, str) and value != "null" or (isinstance(value, (list, tuple)) and value
+                                                          and all(isinstance(v, str) for v in value)):
+            return self._ids(value, n, device)
+        if value is None or value == "null" or isinstance(value, Mapping):
+            return super().from_user(value, n, device)
+        raise ValueError(f"cond must be {self.describe()} for {n} samples, got {value!r}")
+
+
 class ConcatImage(Conditioner):
     """An image `batch[key]` (B, C, H, W) in [-1, 1] to concatenate to the network input (low-resolution
     image of a super-resolution stage, masked image + mask of an inpainting model); null is zeros."""

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--resume", required=True, help="prior checkpoint written by main.py (or any, with --config)")
     p.add_argument("--config", help="config to build the prior from, for a checkpoint that carries none")
     p.add_argument("-n", "--num", type=int, default=16, help="samples (unconditional, or with --cond)")
-    p.add_argument("--cond", type=int, default=None, help="one class label for every sample")
+    p.add_argument("--cond", default=None,
+                   help="one condition for every sample: a class label, or a caption for a text-conditioned prior")
     p.add_argument("--per-class", type=int, default=None, help="a row of this many samples per class (instead of -n)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the trained instead of the EMA weights")
@@ -86,17 +87,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     options = prior.check_sampler_options(args.sampler_kw)
     k = prior.num_classes
-    if (args.per_class or args.cond is not None) and not k:
-        raise SystemExit(f"{'--per-class' if args.per_class else '--cond'} needs a class-conditional prior")
-    if args.cond is not None and not 0 <= args.cond <= k:
-        raise ValueError(f"--cond must be a class label in 0..{k - 1} (or {k}, the null class), got {args.cond}")
+    caption = args.cond is not None and not args.cond.lstrip("-").isdigit()
+    if args.per_class and not k:
+        raise SystemExit("--per-class needs a class-conditional prior")
+    if args.cond is not None and not caption:
+        if not k:
+            raise SystemExit("--cond with a class label needs a class-conditional prior")
+        if not 0 <= int(args.cond) <= k:
+            raise ValueError(f"--cond must be a class label in 0..{k - 1} (or {k}, the null class), got {args.cond}")
     if args.per_class:
         cond = torch.arange(prior.num_classes).repeat_interleave(args.per_class)
         nrow = args.per_class
     else:
-        cond = None if args.cond is None else torch.full((args.num,), args.cond)
+        cond = None if args.cond is None else args.cond if caption else torch.full((args.num,), int(args.cond))
         nrow = int(args.num**0.5)
-    n = len(cond) if cond is not None else args.num
+    if caption:  # checked by the prior's conditioner: a class prior refuses a caption in one sentence
+        cond = prior.user_cond(cond, args.num)
+    n = len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond) if cond is not None else args.num
     bar = tqdm(desc="sampling")
 
     def progress(info: dict) -> None:

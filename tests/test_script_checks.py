@@ -63,6 +63,7 @@ SAMPLE_BAD = [
     (["stpes=4"], "AbsorbingPrior.sample has no option 'stpes' (did you mean 'steps'?); valid options: order, shape, "
                   "steps, temperature, top_k, top_p, guidance_scale, stride"),
     (["--cond", "12"], "--cond must be a class label in 0..9 (or 10, the null class), got 12"),
+    (["--cond", "a photo of a bag"], "cond must be a class label or one per sample, in 0..9, got 'a photo of a bag'"),
 ]
 
 
@@ -92,7 +93,7 @@ def test_sample_refuses_a_checkpoint_of_another_kind(ckpts, tmp_path, capsys):
     assert refused("sample", ["-r", ckpts["unconditional"], "--per-class", "2", "--out", str(tmp_path / "g.png")],
                    tmp_path, capsys) == "--per-class needs a class-conditional prior"
     assert refused("sample", ["-r", ckpts["unconditional"], "--cond", "1", "--out", str(tmp_path / "g.png")],
-                   tmp_path, capsys) == "--cond needs a class-conditional prior"
+                   tmp_path, capsys) == "--cond with a class label needs a class-conditional prior"
     assert refused("sample", ["-r", ckpts["unconditional"], "guidance_scale=2", "--out", str(tmp_path / "g.png")],
                    tmp_path, capsys) == "guidance_scale must be 1 for an unconditional prior, got 2"
 
@@ -204,6 +205,13 @@ def test_benchmark_refuses_options_the_prior_lacks(ckpts, tmp_path, capsys):
     imagebart = ["--config", str(CONFIGS / "imagebart.yaml")]
     assert refused("benchmark", [*imagebart, "--steps", "4"], tmp_path, capsys).startswith(
         "--steps: ImageBARTPrior.sample has no option 'steps'")
+
+
+def test_sample_takes_a_caption_for_a_text_prior(tmp_path):
+    ckpt = save_checkpoint("ldm_text.yaml", tmp_path / "text.ckpt")
+    out = tmp_path / "grid.png"
+    argv = ["-r", ckpt, "-n", "2", "--cond", "a photo of a sandal", "steps=2", "--out", str(out)]
+    assert run(lambda: load("sample").main(argv)) == 0 and out.exists()
 
 
 # --- eval_first_stage.py ------------------------------------------------------------------------------

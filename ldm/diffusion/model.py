@@ -82,6 +82,7 @@ class LatentDiffusionPrior(LatentPrior):
         loss_type: LossType = "l2",
         min_snr_gamma: float | None = None,
         sample_defaults: Mapping[str, Any] | None = None,
+        cond_stage_config: Mapping[str, Any] | None = None,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
         **prior_kw: Any,
@@ -119,6 +120,15 @@ class LatentDiffusionPrior(LatentPrior):
         if ("class_label" in keys) != (self.model.num_classes is not None):
             raise ConfigError("unet_config.params.num_classes", "a class-conditional prior needs a UNet with "
                                                                 "num_classes, and only it")
+        names = ["model"]
+        if cond_stage_config is not None:  # a text encoder trained with the prior: caption ids -> context
+            self.cond_stage_model = instantiate_from_config(cond_stage_config, key="cond_stage_config")
+            width = getattr(self.cond_stage_model, "dim", None)
+            if width != self.model.context_dim:
+                raise ConfigError("cond_stage_config.params.dim", f"the text encoder's width {width} must be the "
+                                                                  f"UNet's context_dim {self.model.context_dim}")
+            names.append("cond_stage_model")
+        self.network_names = tuple(names)
         self.sample_defaults = {"sampler": "ddim", "steps": 50}
         try:
             self.sample_defaults.update(self.check_sampler_options(dict(sample_defaults or {})))
@@ -159,13 +169,18 @@ class LatentDiffusionPrior(LatentPrior):
     def denoiser(self, ema: bool = False):
         """`net(x (B, C, h, w), t (B,), cond dict) -> output` on the trained or averaged UNet."""
         net = self.network("model", ema)
+        text = self.network("cond_stage_model", ema) if "cond_stage_model" in self.network_names else None
 
         def call(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
             cond = cond or {}
             if "concat" in cond:
                 x = torch.cat([x, cond["concat"].to(x.dtype)], 1)
-            return net(x, t, context=cond.get("context"), y=cond.get("class_label"),
-                       context_mask=cond.get("context_mask"))
+            context = cond.get("context")
+            if context is not None and not context.is_floating_point():  # caption ids: encode them
+                if text is None:
+                    raise ValueError("text given as token ids needs a text encoder: set cond_stage_config")
+                context = text(context, cond["context_mask"])
+            return net(x, t, context=context, y=cond.get("class_label"), context_mask=cond.get("context_mask"))
 
         return call
 

@@ -162,8 +162,14 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        mask = None if context_mask is None else context_mask[:, None, None, :].bool()
+        mask = empty = None
+        if context_mask is not None:
+            mask = context_mask.bool()
+            empty = ~mask.any(-1)  # no token at all (the null text): the attention adds nothing
+            mask = (mask | empty[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 

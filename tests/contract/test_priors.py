@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import instantiate_from_checkpoint, read_checkpoint
-from ldm.conditioning import ClassLabel
+from ldm.conditioning import Caption, ClassLabel
 from ldm.train import main
 from ldm.util import instantiate_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
-PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml", "imagebart.yaml", "ldm.yaml"]
+PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml", "imagebart.yaml", "ldm.yaml", "ldm_text.yaml"]
 
 
 def build(name: str, seed: int = 0):
@@ -37,12 +37,15 @@ def image_shape(model) -> tuple[int, int, int]:
 
 def fake_batch(model, n=4):
     g = torch.Generator().manual_seed(0)
-    return {"image": torch.rand(n, *image_shape(model), generator=g) * 2 - 1, "class_label": torch.arange(n) % 10}
+    return {"image": torch.rand(n, *image_shape(model), generator=g) * 2 - 1, "class_label": torch.arange(n) % 10,
+            "caption": [f"a photo of thing {i}" for i in range(n)]}
 
 
 def valid_cond(model, n):
     if isinstance(model.conditioner, ClassLabel):
         return [i % model.num_classes for i in range(1, n + 1)]
+    if isinstance(model.conditioner, Caption):
+        return [f"a photo of a sandal, number {i}" for i in range(n)]
     return model.null_cond(n)
 
 

@@ -99,3 +99,33 @@ def test_bad_input_is_refused():
     with pytest.raises(ConfigError, match=r"unet_config.params.in_channels: the latents have 4 channels, so the UNet "
                                           r"takes 4; it is configured for 3"):
         build(**{"model.params.unet_config.params.in_channels": 3})
+
+
+def test_text_prompts_condition_a_text_model_and_are_refused_by_a_class_model():
+    text = build_from_config(CFG.parent / "ldm_text.yaml").eval()
+    kw = dict(generator=torch.Generator().manual_seed(0), steps=2)
+    a = text.sample(2, cond="a photo of a sandal", **kw)
+    b = text.sample(2, cond=["a photo of a sandal", "a photo of a sandal"], generator=torch.Generator().manual_seed(0),
+                    steps=2)
+    assert torch.equal(a, b)
+    guided = text.sample(2, cond="a photo of a bag", guidance_scale=3.0, **kw)
+    assert torch.isfinite(guided).all()
+    with pytest.raises(ValueError, match=r"cond must be a caption or one per sample \(strings, up to 24 UTF-8 bytes "
+                                         r"are used\) for 2 samples, got \['one'\]"):
+        text.sample(2, cond=["one"])
+    with pytest.raises(ValueError, match=r"cond must be a class label or one per sample, in 0..9, got 'a photo of a "
+                                         r"sandal'"):
+        build().sample(1, cond="a photo of a sandal")
+
+
+def test_class_captions_name_the_class():
+    from ldm.data.captions import ClassCaptions
+    from tests.toy import ToyImages
+
+    data = ClassCaptions({"target": "tests.toy.ToyImages", "params": {"n": 3, "size": 16}})
+    assert isinstance(data.dataset, ToyImages)
+    labels = [int(data.dataset[i]["class_label"]) for i in range(3)]
+    names = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+    assert [data[i]["caption"] for i in range(3)] == [f"a photo of a {names[k]}" for k in labels]
+    with pytest.raises(ValueError, match="template must hold {} for the class name"):
+        ClassCaptions({"target": "tests.toy.ToyImages", "params": {"n": 3, "size": 16}}, template="a photo")
