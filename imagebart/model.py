@@ -338,6 +338,30 @@ class ImageBARTPrior(LatentPrior):
 
         return self.process.nll_terms(transition, x0, generator) / (x0.shape[1] * math.log(2.0))
 
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, split: str = "train", **kw: Any) -> dict[str, torch.Tensor]:
+        """The whole chain's samples; a checkpoint of one scale (`single_scale: t`) shows instead x_t drawn from the
+        batch, its x_{t-1} sampled by the network, and the drawn x_{t-1} (the original's `samples_t`)."""
+        if not self.single_scale:
+            return super().log_images(batch, N, split, **kw)
+        from imagebart.sampling import sample_scale
+
+        x0 = self.get_latents(batch, mode=True)[:N]
+        n, (h, w) = x0.shape[0], x0.shape[-2:]
+        g = torch.Generator(device=self.device).manual_seed(0)
+        t = torch.full((n,), self.single_scale, dtype=torch.long, device=self.device)
+        prev, xt = self.process.q_pair(x0.flatten(1), t, g)
+        cond = {k: v[:n] for k, v in self.get_cond(batch).items()} or None
+        options = self.check_sampler_options({**self.log_sample_kwargs, **kw})
+        options = {k: (v[self.single_scale - 1] if isinstance(v, tuple) else v) for k, v in options.items()}
+        options["use_cache"] = bool(options.get("use_cache", 1))
+        options.setdefault("top_k", self.top_k)
+        drawn = sample_scale(self.transition(self.single_scale, ema=True), xt, self.single_scale, cond, g,
+                             null_cond=self.null_cond(n) if cond else None, **options)
+        return {f"x_{self.single_scale}": self.decode(xt.view(n, h, w)),
+                f"samples_x_{self.single_scale - 1}": self.decode(drawn.view(n, h, w)),
+                f"x_{self.single_scale - 1}": self.decode(prev.view(n, h, w))}
+
     def sampling_forward(self, n: int, cond: Any = None, guidance_scale: float = 1.0, use_ema: bool = True, **_: Any):
         """One pass of what sampling runs, without the sampling: per scale the encoder once and one cached
         decoder step per token on fixed tokens (the doubled batch under guidance). Its `steps_per_call`

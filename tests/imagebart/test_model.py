@@ -158,3 +158,11 @@ def test_bad_sampling_input_is_refused():
         model.sample(2, cond=[0, 1], temperature=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="mask"):
         model.inpaint(torch.zeros(2, 1, 16, 16), torch.ones(2, 1, 8, 8), cond=[0, 1])
+
+
+def test_a_single_scale_checkpoint_logs_its_own_transition():
+    model = build(**{"model.params.single_scale": 1}).eval()
+    logs = model.log_images(batch(3), N=3)
+    assert set(logs) == {"x_1", "samples_x_0", "x_0"} and all(v.shape == (3, 1, 16, 16) for v in logs.values())
+    with pytest.raises(ValueError, match="scale 2 has no network here: this prior holds scale 1 only"):
+        model.sample(1, cond=0)
