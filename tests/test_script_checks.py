@@ -151,6 +151,16 @@ def test_evaluate_scores_the_elbo(ckpts, tmp_path):
     assert result["elbo_items"] == 2 and result["elbo_strata"] == 2 and result["elbo_bits_per_dim"] > 0
 
 
+def test_evaluate_reports_the_steps_early_stopping_samples_take(tmp_path):
+    """SUNDAE's samples stop on their own: each row gives the mean and largest number of network calls."""
+    ckpt = save_checkpoint("sundae.yaml", tmp_path / "sundae.ckpt", **{"data.params.test": TOY_SPLIT})
+    out = tmp_path / "eval.json"
+    argv = ["-r", ckpt, "-n", "10", "--batch-size", "5", "--sweep", "steps=4", "min_steps=1", "--out", str(out)]
+    assert run(lambda: load("evaluate").main(argv)) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert 1 <= row["steps_mean"] <= row["steps_max"] <= 4 and isinstance(row["steps_max"], int)
+
+
 # --- benchmark.py -------------------------------------------------------------------------------------
 BENCHMARK_BAD = [
     (["--batch", "0"], "--batch must be >= 1, got 0"),

@@ -31,7 +31,8 @@ def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100,
         cond = torch.arange(start, start + b) % num_classes if num_classes else None
         g = torch.Generator(device=prior.device).manual_seed(seed + start)
         last.clear()
-        images.append(prior.sample(b, cond=cond, generator=g, callback=callback, **sampler_kw).float().cpu())
+        extra = {"callback": callback} if callback is not None else {}
+        images.append(prior.sample(b, cond=cond, generator=g, **extra, **sampler_kw).float().cpu())
         if steps_taken is not None and "steps_taken" in last:
             steps_taken.append(last["steps_taken"].cpu())
         if cond is not None:
