@@ -15,7 +15,9 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import yaml
 
 from ldm.checkpoint import CheckpointError
 from ldm.util import ConfigError
@@ -87,3 +89,23 @@ def needs(kind: Kind, script: str) -> Callable[[type], None]:
             raise CheckpointError(f"this is {what} ({name}); {script} needs a {kind}")
 
     return check
+
+
+def sampler_kwargs(tokens: list[str]) -> dict[str, Any]:
+    """`key=value`, `--key=value` and `--key value` tokens to sampler keyword arguments (YAML values)."""
+    options: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        item = tokens[i]
+        flag = item.startswith("--")
+        item = item[2:] if flag else item
+        if "=" in item:
+            key, value = item.split("=", 1)
+        elif flag and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            key, value = item, tokens[i + 1]
+            i += 1
+        else:
+            raise SystemExit(f"sampler options look like key=value or --key value, got {tokens[i]!r}")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+        i += 1
+    return options

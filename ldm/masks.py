@@ -35,3 +35,24 @@ def check_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask values must be in {MASK_VALUES}, got {str(mask.dtype).replace('torch.', '')} values "
                          f"in [{float(values.min()):g}, {float(values.max()):g}]")
     return values
+
+
+NAMED_MASKS = ("upper", "lower", "left", "centre")
+
+
+def named_mask(name: str, n: int, h: int, w: int) -> torch.Tensor:
+    """A standard inpainting mask (n, 1, h, w), 1 = keep: `upper` keeps the upper half (the lower is filled),
+    `lower` the lower half, `left` the left half, `centre` everything but a centred square of half the size."""
+    mask = torch.zeros(n, 1, h, w)
+    if name == "upper":
+        mask[..., : h // 2, :] = 1
+    elif name == "lower":
+        mask[..., h // 2:, :] = 1
+    elif name == "left":
+        mask[..., :, : w // 2] = 1
+    elif name == "centre":
+        mask[:] = 1
+        mask[..., h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 0
+    else:
+        raise ValueError(f"mask must be one of {', '.join(NAMED_MASKS)}, got {name!r}")
+    return mask

@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
-import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import at_least, needs, output_path, run  # noqa: E402
+from ldm.cli import at_least, needs, output_path, run, sampler_kwargs  # noqa: E402
 from ldm.sampler_options import describe  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -47,30 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampler_options(tokens: list[str]) -> dict[str, Any]:
-    """`key=value`, `--key=value` and `--key value` tokens to sampler keyword arguments (YAML values)."""
-    options: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        item = tokens[i]
-        flag = item.startswith("--")
-        item = item[2:] if flag else item
-        if "=" in item:
-            key, value = item.split("=", 1)
-        elif flag and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            key, value = item, tokens[i + 1]
-            i += 1
-        else:
-            raise SystemExit(f"sampler options look like key=value or --key value, got {tokens[i]!r}")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
-        i += 1
-    return options
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The script's options, plus `sampler_kw` from everything the parser does not know."""
     args, rest = build_parser().parse_known_args(argv)
-    args.sampler_kw = sampler_options(rest)
+    args.sampler_kw = sampler_kwargs(rest)
     return args
 
 

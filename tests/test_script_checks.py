@@ -224,6 +224,27 @@ def test_sample_takes_a_caption_for_a_text_prior(tmp_path):
     assert run(lambda: load("sample").main(argv)) == 0 and out.exists()
 
 
+# --- inpaint.py ---------------------------------------------------------------------------------------
+def test_inpaint_writes_a_grid_per_mask(tmp_path):
+    ckpt = save_checkpoint("absorbing.yaml", tmp_path / "prior.ckpt", **{"data.params.test": TOY_SPLIT})
+    out = tmp_path / "grid.png"
+    argv = ["-r", ckpt, "--mask", "upper,centre", "-n", "3", "--samples", "2", "steps=2", "--out", str(out)]
+    assert run(lambda: load("inpaint").main(argv)) == 0
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert (w, h) == (2 + 3 * 18, 2 + 2 * 4 * 18)  # 3 columns; per mask: images, masked, 2 completions
+
+
+def test_inpaint_refuses_bad_arguments(ckpts, tmp_path, capsys):
+    base = ["-r", ckpts["prior"], "--out", str(tmp_path / "g.png")]
+    assert refused("inpaint", [*base, "--mask", "middle"], tmp_path, capsys) == \
+        "--mask: choose from upper, lower, left, centre, got 'middle'"
+    assert refused("inpaint", [*base, "--samples", "0"], tmp_path, capsys) == "--samples must be >= 1, got 0"
+    assert refused("inpaint", [*base, "shape=[8,8]"], tmp_path, capsys).startswith(
+        "AbsorbingPrior.inpaint has no option 'shape'")
+
+
 # --- eval_first_stage.py ------------------------------------------------------------------------------
 def test_eval_first_stage_refuses(ckpts, tmp_path, capsys):
     vq = ["-r", ckpts["first_stage"], "--split", "validation", "--classifier", ""]

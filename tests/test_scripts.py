@@ -14,7 +14,7 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ALL = sorted(p.stem for p in SCRIPTS.glob("*.py"))
-DOCUMENTED = ["benchmark", "cache_latents", "eval_first_stage", "evaluate", "sample", "schedule_metric"]  # must show their usage
+DOCUMENTED = ["benchmark", "cache_latents", "eval_first_stage", "evaluate", "inpaint", "sample", "schedule_metric"]  # must show their usage
 USAGE = re.compile(r"^\s*(?:\S*/)?python\s+scripts/(\w+)\.py\b(.*)$")
 
 
