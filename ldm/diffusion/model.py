@@ -108,6 +108,12 @@ class LatentDiffusionPrior(LatentPrior):
         elif "class_label" in keys and self.cond_drop_prob > 0 and params["num_classes"] <= self.num_classes:
             raise ConfigError("unet_config.params.num_classes", f"conditioning dropout needs a row for the null class "
                                                                 f"{self.num_classes}: at least {self.num_classes + 1}")
+        consumed: tuple[str, ...] = ()
+        if cond_stage_config is not None:  # a conditioning network trained with the prior (text, class embedding)
+            self.cond_stage_model = instantiate_from_config(cond_stage_config, key="cond_stage_config")
+            consumed = tuple(getattr(self.cond_stage_model, "consumes", ()))
+            if "class_label" in consumed:
+                net_kw.pop("num_classes", None)
         self.model = instantiate_from_config(unet_config, key="unet_config", **net_kw)
         extra = self._concat_channels()
         if self.model.in_channels != c + extra:
@@ -117,16 +123,15 @@ class LatentDiffusionPrior(LatentPrior):
         if self.model.out_channels != c:
             raise ConfigError("unet_config.params.out_channels", f"must be the latents' {c} channels, got "
                                                                  f"{self.model.out_channels}")
-        if ("class_label" in keys) != (self.model.num_classes is not None):
+        if ("class_label" in keys and "class_label" not in consumed) != (self.model.num_classes is not None):
             raise ConfigError("unet_config.params.num_classes", "a class-conditional prior needs a UNet with "
                                                                 "num_classes, and only it")
         names = ["model"]
-        if cond_stage_config is not None:  # a text encoder trained with the prior: caption ids -> context
-            self.cond_stage_model = instantiate_from_config(cond_stage_config, key="cond_stage_config")
+        if cond_stage_config is not None:
             width = getattr(self.cond_stage_model, "dim", None)
             if width != self.model.context_dim:
-                raise ConfigError("cond_stage_config.params.dim", f"the text encoder's width {width} must be the "
-                                                                  f"UNet's context_dim {self.model.context_dim}")
+                raise ConfigError("cond_stage_config", f"the conditioning network's width {width} must be the "
+                                                       f"UNet's context_dim {self.model.context_dim}")
             names.append("cond_stage_model")
         self.network_names = tuple(names)
         self.sample_defaults = {"sampler": "ddim", "steps": 50}
@@ -169,17 +174,17 @@ class LatentDiffusionPrior(LatentPrior):
     def denoiser(self, ema: bool = False):
         """`net(x (B, C, h, w), t (B,), cond dict) -> output` on the trained or averaged UNet."""
         net = self.network("model", ema)
-        text = self.network("cond_stage_model", ema) if "cond_stage_model" in self.network_names else None
+        stage = self.network("cond_stage_model", ema) if "cond_stage_model" in self.network_names else None
 
         def call(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
-            cond = cond or {}
+            cond = dict(cond or {})
+            if stage is not None:  # caption ids or class ids to the UNet's context
+                cond = stage.condition(cond)
             if "concat" in cond:
                 x = torch.cat([x, cond["concat"].to(x.dtype)], 1)
             context = cond.get("context")
-            if context is not None and not context.is_floating_point():  # caption ids: encode them
-                if text is None:
-                    raise ValueError("text given as token ids needs a text encoder: set cond_stage_config")
-                context = text(context, cond["context_mask"])
+            if context is not None and not context.is_floating_point():
+                raise ValueError("text given as token ids needs a text encoder: set cond_stage_config")
             return net(x, t, context=context, y=cond.get("class_label"), context_mask=cond.get("context_mask"))
 
         return call

@@ -43,6 +43,12 @@ class ByteTextEncoder(nn.Module):
         self.net = TransformerWrapper(num_tokens=BYTE_VOCAB, max_seq_len=max_length, return_only_embed=True, attn_layers=Encoder(
             dim=dim, depth=depth, heads=heads, attn_dim_head=dim // heads))
 
+    consumes = ("context",)
+
+    def condition(self, cond: dict) -> dict:
+        """The conditioning dict with its caption ids replaced by their embeddings (the mask kept)."""
+        return {**cond, "context": self(cond["context"], cond["context_mask"])}
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # an empty caption (the null text) attends to its first (padding) position rather than to nothing
         attend = mask.clone()
