@@ -25,6 +25,7 @@ from ldm.diffusion.process import (
     LossType,
     Parameterization,
     Schedule,
+    dynamic_threshold,
     extract,
 )
 from ldm.prior import LatentPrior
@@ -54,6 +55,11 @@ SAMPLER_OPTIONS = SamplerOptions(
                 "prior trained with cond_drop_prob > 0"),
     Option("guidance_rescale", float, 0.0, low=0.0, high=1.0, conditional_only=True,
            help="pull the guided output's spread back towards the conditional one's (Lin et al. 2023): 0 off"),
+    Option("clip_x0", float, None, low=0.0, low_open=True, nullable=True,
+           help="pixel space: clip each x_0 prediction to [-c, c] (static clipping; None: off)"),
+    Option("dynamic_threshold", float, None, low=0.0, high=1.0, low_open=True, nullable=True,
+           help="pixel space: Imagen's dynamic thresholding of x_0 at this percentile of |x_0| (e.g. 0.995; None: "
+                "off), for high guidance scales"),
     Option("inpaint_method", str, "blend", choices=("blend", "repaint"), modes=("inpaint",),
            help="blend: known latents noised to each DDIM step's level replace the sample's there; repaint: "
                 "RePaint's resampling"),
@@ -211,9 +217,25 @@ class LatentDiffusionPrior(LatentPrior):
         return samplers.guided(self.denoiser(ema), cond or None, self.null_cond(n) if cond else None,
                                guidance_scale, guidance_rescale)
 
+    def x0_transform(self, options: Mapping[str, Any]):
+        """Static clipping or dynamic thresholding of x_0 predictions: images live in [-1, 1], latents do not."""
+        clip, percentile = options.get("clip_x0"), options.get("dynamic_threshold")
+        if clip is None and percentile is None:
+            return None
+        if not getattr(self.first_stage_model, "pixel_space", False):
+            name = "dynamic_threshold" if percentile is not None else "clip_x0"
+            raise ValueError(f"{name} is for a pixel-space prior (first stage ldm.first_stage.models."
+                             f"IdentityFirstStage); the latents of {type(self.first_stage_model).__name__} are not "
+                             "bounded to [-1, 1]")
+        if percentile is not None:
+            return lambda x0: dynamic_threshold(x0, percentile)
+        return lambda x0: x0.clamp(-clip, clip)
+
     def _run(self, model, x_T: torch.Tensor, generator: torch.Generator | None, callback: Any, sampler: str,
-             steps: int, eta: float, s_churn: float) -> torch.Tensor:
+             steps: int, eta: float, s_churn: float, x0_transform: Any = None) -> torch.Tensor:
         p = self.process
+        if sampler not in ("euler", "heun"):
+            model = samplers.with_x0_transform(model, p, x0_transform)
         if sampler == "ddpm":
             return samplers.ddpm(model, p, x_T, generator, callback)
         if sampler == "ddim":
@@ -222,7 +244,7 @@ class LatentDiffusionPrior(LatentPrior):
             return samplers.plms(model, p, x_T, steps, generator, callback)
         if sampler == "dpm++2m":
             return samplers.dpm_solver_pp(model, p, x_T, steps, generator, callback)
-        den = samplers.VPDenoiser(model, p)
+        den = samplers.VPDenoiser(model, p, x0_transform)
         sigmas = samplers.karras_sigmas(steps, den.sigma_min, den.sigma_max, device=x_T.device)
         fn = samplers.heun if sampler == "heun" else samplers.euler
         return fn(den, x_T * sigmas[0], sigmas, generator, callback, s_churn=s_churn)
@@ -234,9 +256,10 @@ class LatentDiffusionPrior(LatentPrior):
     def sample_latents(self, n: int, cond: Cond, generator: torch.Generator | None, ema: bool = True,
                        callback: Any = None, **kw: Any) -> torch.Tensor:
         o = {**self.sample_defaults, **kw}
+        transform = self.x0_transform(o)
         model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
         return self._run(model, self._noise(n, generator), generator, callback, o["sampler"], o["steps"],
-                         o.get("eta", 0.0), o.get("s_churn", 0.0))
+                         o.get("eta", 0.0), o.get("s_churn", 0.0), transform)
 
     def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
                         generator: torch.Generator | None, ema: bool = True, callback: Any = None,
@@ -249,6 +272,7 @@ class LatentDiffusionPrior(LatentPrior):
         o = {**self.sample_defaults, **kw}
         n = latents.shape[0]
         model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
+        model = samplers.with_x0_transform(model, self.process, self.x0_transform(o))
         mask = known[:, None].to(latents.dtype)
         if o.get("inpaint_method", "blend") == "repaint":
             x = self._repaint(model, latents, mask, generator, callback, o.get("repaint_jump", 10),

@@ -119,6 +119,15 @@ class GaussianDiffusion:
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - out) / \
             extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
 
+    def output_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The network output that predicts `x0` at x_t (after x_0 was clipped or thresholded)."""
+        if self.parameterization == "x0":
+            return x0
+        a, s = extract(self.sqrt_alphas_cumprod, t, x_t.shape), extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        if self.parameterization == "eps":
+            return (x_t - a * x0) / s
+        return (a * x_t - x0) / s  # v
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output."""
         if self.parameterization == "eps":
@@ -146,3 +155,11 @@ class GaussianDiffusion:
         diff = out.float() - self.target(x0, noise, t).float()
         per = diff.pow(2) if self.loss_type == "l2" else diff.abs()
         return per.flatten(1).mean(1) * self.loss_weights(t)
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding: s = the `percentile` quantile of |x_0| per sample (at least 1); x_0 clipped to
+    [-s, s] and divided by s, so saturated pixels are pulled in instead of piling up at ±1."""
+    s = torch.quantile(x0.detach().abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.dim() - 1)))
+    return x0.clamp(-s, s) / s

@@ -52,6 +52,20 @@ def guided(net: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor], cond
     return model
 
 
+def with_x0_transform(model: ModelFn, process: GaussianDiffusion,
+                      transform: Callable[[torch.Tensor], torch.Tensor] | None) -> ModelFn:
+    """The model with its x_0 prediction passed through `transform` (static clipping, dynamic thresholding) and
+    turned back into its parameterisation, so every discrete-time sampler uses the transformed x_0."""
+    if transform is None:
+        return model
+
+    def transformed(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = transform(process.predict_x0(x, t, model(x, t)))
+        return process.output_from_x0(x, t, x0)
+
+    return transformed
+
+
 def _noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
@@ -201,8 +215,9 @@ class VPDenoiser:
     """D(x, σ) = x_0 prediction of a discrete VP model seen in σ-space (x = x_0 + σ ε): the input is scaled by
     1/sqrt(σ² + 1) and the time is σ's position among the model's discrete σ_t, interpolated in log σ."""
 
-    def __init__(self, model: ModelFn, process: GaussianDiffusion):
-        self.model, self.process = model, process
+    def __init__(self, model: ModelFn, process: GaussianDiffusion,
+                 x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.process, self.x0_transform = model, process, x0_transform
         ac = process.alphas_cumprod.double()
         self.sigmas = ((1 - ac) / ac).sqrt()  # increasing in t
         self.log_sigmas = self.sigmas.log()
@@ -231,7 +246,8 @@ class VPDenoiser:
         x_t = x * c_in
         out = self.model(x_t, t)
         eps = self.process_eps(x_t, t, out)
-        return x - sigma.to(x.dtype)[:, None, None, None] * eps
+        x0 = x - sigma.to(x.dtype)[:, None, None, None] * eps
+        return self.x0_transform(x0) if self.x0_transform is not None else x0
 
     def process_eps(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """eps from the output at a fractional t (the schedule interpolated linearly between its steps)."""

@@ -372,3 +372,35 @@ class AutoencoderKL(FirstStageModel):
         z = self.encode(out["inputs"]).mode()
         out["samples"] = self.decode(torch.randn_like(z))
         return out
+
+
+class IdentityFirstStage(nn.Module):
+    """Pixel space as a first stage (latent-diffusion's `IdentityFirstStage`): the latents are the images, so a
+    Gaussian prior trains and samples in pixel space with no other change (Imagen's base and super-resolution
+    models)."""
+
+    latent_kinds = ("continuous",)
+    latent_kind = "continuous"
+    pixel_space = True
+
+    def __init__(self, channels: PositiveInt = 3, resolution: PositiveInt = 64):
+        super().__init__()
+        self.ddconfig = {"in_channels": int(channels), "resolution": int(resolution)}  # what an image config reads
+
+    def resolve_kind(self, kind: str | None) -> str:
+        if kind not in (None, "continuous"):
+            raise ValueError(f"IdentityFirstStage offers latents of kind 'continuous', not {kind!r}")
+        return "continuous"
+
+    def latent_shape(self, image_size: int | None = None, kind: str | None = None) -> tuple[int, ...]:
+        self.resolve_kind(kind)
+        res = image_size or self.ddconfig["resolution"]
+        return (self.ddconfig["in_channels"], res, res)
+
+    def encode_for_prior(self, x: torch.Tensor, kind: str | None = None) -> dict[str, torch.Tensor]:
+        self.resolve_kind(kind)
+        return {"latent": x.float()}
+
+    def decode_latent(self, z: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        self.resolve_kind(kind)
+        return z

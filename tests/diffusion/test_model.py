@@ -129,3 +129,30 @@ def test_class_captions_name_the_class():
     assert [data[i]["caption"] for i in range(3)] == [f"a photo of a {names[k]}" for k in labels]
     with pytest.raises(ValueError, match="template must hold {} for the class name"):
         ClassCaptions({"target": "tests.toy.ToyImages", "params": {"n": 3, "size": 16}}, template="a photo")
+
+
+def test_dynamic_thresholding_pulls_saturated_predictions_in():
+    """Imagen's rule in closed form: s = max(1, quantile_p |x_0|); x_0 clipped to [-s, s] and divided by s."""
+    from ldm.diffusion.process import dynamic_threshold
+
+    x0 = torch.tensor([[0.5, -3.0, 2.0, 0.1], [0.2, -0.3, 0.4, 0.9]])
+    s0 = torch.quantile(x0[0].abs(), 0.75)
+    torch.testing.assert_close(dynamic_threshold(x0, 0.75)[0], x0[0].clamp(-s0, s0) / s0)
+    torch.testing.assert_close(dynamic_threshold(x0, 0.75)[1], x0[1])  # inside [-1, 1]: unchanged (s = 1)
+
+
+def test_pixel_space_prior_thresholds_and_a_latent_prior_refuses():
+    pixel = build_from_config(CFG.parent / "ldm_pixel.yaml").eval()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = pixel.sample(2, cond=[1, 2], guidance_scale=10.0, generator=g(), steps=3)
+    for sampler in ("ddim", "dpm++2m", "heun"):
+        thresholded = pixel.sample(2, cond=[1, 2], guidance_scale=10.0, dynamic_threshold=0.9, sampler=sampler,
+                                   generator=g(), steps=3)
+        assert thresholded.shape == plain.shape and torch.isfinite(thresholded).all()
+    seen = []
+    pixel.sample(2, cond=[1, 2], guidance_scale=10.0, clip_x0=1.0, generator=g(), steps=3, callback=seen.append)
+    assert all(s["pred_x0"].abs().max() <= 1.0 + 1e-5 for s in seen)
+    with pytest.raises(ValueError, match=r"dynamic_threshold is for a pixel-space prior \(first stage "
+                                         r"ldm.first_stage.models.IdentityFirstStage\); the latents of AutoencoderKL "
+                                         r"are not bounded to \[-1, 1\]"):
+        build().sample(1, cond=1, dynamic_threshold=0.995)
