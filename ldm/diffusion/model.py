@@ -285,22 +285,12 @@ class LatentDiffusionPrior(LatentPrior):
                       eta: float) -> torch.Tensor:
         """latent-diffusion's mask-blended DDIM: before each step the known region is x_0 noised to its level."""
         p = self.process
-        ts = samplers.ddim_timesteps(p.num_timesteps, steps)
-        x = self._noise(x0.shape[0], generator)
-        alphas, alphas_prev = samplers._ddim_alphas(p, ts)
-        for i in reversed(range(len(ts))):
-            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
-            x = mask * p.q_sample(x0, t, self._noise(x.shape[0], generator)) + (1 - mask) * x
-            out = model(x, t)
-            eps, x0_pred = p.predict_eps(x, t, out), p.predict_x0(x, t, out)
-            a, a_prev = alphas[i], alphas_prev[i]
-            sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-            x = math.sqrt(a_prev) * x0_pred + math.sqrt(1 - a_prev - sigma**2) * eps
-            if sigma > 0:
-                x = x + sigma * self._noise(x.shape[0], generator)
-            if callback is not None:
-                callback({"i": len(ts) - 1 - i, "steps": len(ts), "x": x, "pred_x0": x0_pred, "t": ts[i]})
-        return x
+
+        def blend(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return mask * p.q_sample(x0, t, self._noise(x.shape[0], generator)) + (1 - mask) * x
+
+        return samplers.ddim(model, p, self._noise(x0.shape[0], generator), steps, generator, callback, eta=eta,
+                             before_step=blend)
 
     def _repaint(self, model, x0: torch.Tensor, mask: torch.Tensor, generator, callback, jump: int,
                  resample: int) -> torch.Tensor:

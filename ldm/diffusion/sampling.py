@@ -86,14 +86,12 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def ddpm(model: ModelFn, process: GaussianDiffusion, x_T: torch.Tensor, generator: torch.Generator | None = None,
-         callback: Callback | None = None, clip_x0: float | None = None) -> torch.Tensor:
+         callback: Callback | None = None) -> torch.Tensor:
     """Ancestral sampling through t = T-1..0 with the posterior's variance."""
     x, T = x_T, process.num_timesteps
     for i, step in enumerate(range(T - 1, -1, -1)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         x0 = process.predict_x0(x, t, model(x, t))
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
         mean, _, logvar = process.q_posterior(x0, x, t)
         x = mean + torch.exp(0.5 * logvar) * _noise(x.shape, generator, x.device) if step > 0 else mean
         _report(callback, i, T, x, x0, step)
@@ -109,17 +107,17 @@ def _ddim_alphas(process: GaussianDiffusion, ts: list[int]) -> tuple[list[float]
 @torch.no_grad()
 def ddim(model: ModelFn, process: GaussianDiffusion, x_T: torch.Tensor, steps: int,
          generator: torch.Generator | None = None, callback: Callback | None = None, eta: float = 0.0,
-         clip_x0: float | None = None) -> torch.Tensor:
+         before_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """`before_step(x, t)`, where given, replaces x before each step (inpainting's blend of the known region)."""
     ts = ddim_timesteps(process.num_timesteps, steps)
     alphas, alphas_prev = _ddim_alphas(process, ts)
     x = x_T
     for i in reversed(range(len(ts))):
         t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
+        if before_step is not None:
+            x = before_step(x, t)
         out = model(x, t)
         eps, x0 = process.predict_eps(x, t, out), process.predict_x0(x, t, out)
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x - math.sqrt(alphas[i]) * x0) / math.sqrt(1 - alphas[i])
         a, a_prev = alphas[i], alphas_prev[i]
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
