@@ -8,8 +8,11 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
     python scripts/benchmark.py --config configs/imagebart/fmnist.yaml --compare-cache --batch 8 \
         model.params.latent_shape=[16,16]    # 256 tokens: cached against uncached decoding
 
-Both timings come from one run, interleaved, so the ratio holds on any machine. A step's time is the
-sampling time over the steps it ran (a prior whose samples stop early, SUNDAE's, may run fewer).
+Both timings come from one run, interleaved, so the ratio holds on any machine: where one bare forward
+stands for one sampling step, one is timed after every step (in the sampler's callback) and each step is
+paired with it; the median of the per-step ratios and its quartiles are reported. A step's time is what the
+sampler spent between two callbacks, over the samples still running (SUNDAE's may stop early: pass
+`--option min_steps=null` to keep the whole batch, like the bare forward).
 `--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
 and total depth at those sequence lengths (square token maps): forward + backward time, the activations
 autograd keeps and, on CUDA, the peak memory, with their ratios (`sundae.cost`).
@@ -30,7 +33,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import at_least, needs, run  # noqa: E402
+from ldm.cli import at_least, needs, run, sampler_kwargs  # noqa: E402
 from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
@@ -53,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps, for priors that take them (default: the prior's own default)")
     p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further sampler option (repeatable), e.g. --option min_steps=null to time SUNDAE's "
+                        "steps on the whole batch")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cost-lengths", default=None,
@@ -182,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(prior, "sampling_forward"):
         raise SystemExit(f"{type(prior).__name__} does not offer sampling_forward(), the network call one "
                          "sampling step makes; it cannot be benchmarked")
-    options: dict = {}
+    try:
+        options: dict = prior.check_sampler_options(sampler_kwargs(args.option)) if args.option else {}
+    except ValueError as e:
+        raise ValueError(f"--option: {e}") from None
     for flag, option, value in (("--steps", "steps", args.steps), ("--guidance", "guidance_scale", args.guidance)):
         if value is None or (option == "guidance_scale" and value == 1.0):
             continue
@@ -200,23 +209,43 @@ def main(argv: list[str] | None = None) -> int:
     forward = prior.sampling_forward(n, cond, guidance_scale=args.guidance)
     sampler_cond = prior.user_cond(cond, n)
 
-    ran = []
+    per_call = getattr(forward, "steps_per_call", 1)  # a forward that stands for several sampling steps
+    paired = per_call == 1  # a bare forward between every two sampling steps: pairs a few tenths of a second apart
+    ran: list[float] = []  # the bare forward's time after each sampling step (0 when not paired)
+    step_times: list[float] = []
+
+    def after_step(info) -> None:
+        now = time.perf_counter()
+        step_times.append(now - clock[0])
+        ran.append(timed(forward, 1) if paired else 0.0)
+        clock[0] = time.perf_counter()
+
+    clock = [0.0]
 
     def sampling():
         generator = torch.Generator(device=prior.device).manual_seed(0)
-        ran.clear()
-        prior.sample_latents(n, sampler_cond, generator, callback=lambda info: ran.append(1), **options)
+        ran.clear(), step_times.clear()
+        clock[0] = time.perf_counter()
+        prior.sample_latents(n, sampler_cond, generator, callback=after_step, **options)
 
     forward(), sampling()  # warm-up
-    fwd, samp = [], []
-    per_call = getattr(forward, "steps_per_call", 1)  # a forward that stands for several sampling steps
+    fwd, samp, ratios = [], [], []
     for _ in range(args.repeats):  # interleaved so drift affects both
-        fwd.append(timed(forward, 3) / per_call)
-        samp.append(timed(sampling, 1) / max(1, len(ran)))  # per step run (samples may stop early)
-    result = {"batch": n, "steps": options.get("steps"), "steps_run": len(ran), "guidance": args.guidance,
-              "threads": torch.get_num_threads(),
-              "forward_s": statistics.median(fwd), "step_s": statistics.median(samp)}
-    result["step_over_forward"] = result["step_s"] / result["forward_s"]
+        if paired:
+            sampling()
+            fwd += ran
+            samp += step_times
+            ratios += [s / f for s, f in zip(step_times, ran)]
+        else:
+            fwd.append(timed(forward, 3) / per_call)
+            samp.append(timed(sampling, 1) / max(1, len(ran)))  # per step run (samples may stop early)
+            ratios.append(samp[-1] / fwd[-1])
+    ratios.sort()
+    result = {"batch": n, "steps": options.get("steps"), "options": options, "steps_run": len(ran),
+              "guidance": args.guidance, "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "paired_per_step": paired, "forward_s": statistics.median(fwd), "step_s": statistics.median(samp),
+              "step_over_forward": statistics.median(ratios),
+              "step_over_forward_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -24,16 +24,10 @@ import torch.nn.functional as F
 
 from ldm.conditioning import Cond
 from ldm.distributed import uniform_local
+from ldm.logits import categorical_from_uniform
 
 # net(x (B, N) long, cond dict) -> logits (B, N, K)
 Denoiser = Callable[[torch.Tensor, Cond], torch.Tensor]
-
-
-def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One code per position (..., K) -> (...) long, by inverting the CDF of softmax(logits) at `u` (...)."""
-    cdf = logits.float().softmax(-1).cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
-    return idx.clamp(max=logits.shape[-1] - 1)
 
 
 class UnrolledDenoising:

@@ -2,10 +2,10 @@
 
 Start from uniformly random tokens. At every step the network proposes a token for every position (a
 draw at a temperature, optionally restricted by top-k / top-p, optionally guided); each proposal is
-accepted with a probability, the proportion. Temperature and proportion run linearly from their start to
-their end value over the steps, as in the original. A sample stops on its own once a step leaves it
-unchanged, after `min_steps` steps (the original's self-stopping); the network then runs only on the
-samples still changing. Inpainting holds the known tokens fixed at every step.
+accepted with a probability, the proportion, and only the accepted positions are drawn. Temperature and
+proportion run linearly from their start to their end value over the steps, as in the original. A sample
+stops on its own once a step leaves it unchanged, after `min_steps` steps (the original's self-stopping);
+the network then runs only on the samples still changing. Inpainting holds the known tokens fixed at every step.
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ def sample(
         c = index_cond(cond, idx) if cond else None
         nc = index_cond(null_cond, idx) if null_cond else None
         logits = guided_logits(call, xs, torch.zeros(len(idx), dtype=torch.long, device=device), c, nc, guidance_scale)
-        proposal = sample_categorical(logits, temp, top_k, top_p, generator).to(device)  # (b', N)
-        accept = torch.rand(xs.shape, generator=generator, device=gen_device).to(device) < prop
+        accept = torch.rand(xs.shape, generator=generator, device=gen_device).to(device) < prop  # (b', N)
         if known is not None:
             accept &= ~known[idx]
-        new = torch.where(accept, proposal, xs)
+        new = xs.clone()  # only the accepted positions are drawn: the rest would be thrown away
+        new[accept] = sample_categorical(logits[accept], temp, top_k, top_p, generator).to(device)
         taken[idx] += 1
         if min_steps is not None and i >= min_steps:
             unchanged = (new == xs).all(1)

@@ -168,6 +168,9 @@ BENCHMARK_BAD = [
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--steps", "17"], "--steps: steps must be an integer in 1..16 or None, got 17"),
     (["--steps", "2", "--guidance", "-1"], "--guidance: guidance_scale must be a number >= 0, got -1"),
+    (["--option", "temperature=-1"], "--option: temperature must be a number >= 0, got -1"),
+    (["--option", "width=3"], "--option: AbsorbingPrior.sample has no option 'width'; valid options: order, shape, "
+                              "steps, temperature, top_k, top_p, guidance_scale, stride"),
 ]
 
 

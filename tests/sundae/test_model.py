@@ -167,10 +167,13 @@ def test_scripts_take_the_prior(ckpts, tmp_path, capsys):
     assert (tmp_path / "g.png").stat().st_size > 0
     capsys.readouterr()
     assert run(lambda: load("benchmark").main(["-r", ckpts["sundae"], "--batch", "2", "--steps", "3",
-                                               "--repeats", "1", "--guidance", "2"])) == 0
+                                               "--repeats", "2", "--guidance", "2", "--option", "min_steps=null"])) == 0
     out = capsys.readouterr().out
     bench = json.loads(out[out.index("{"):])
     assert bench["steps"] == 3 and bench["steps_run"] == 3 and bench["step_s"] > 0
+    assert bench["options"]["min_steps"] is None
+    low, high = bench["step_over_forward_quartiles"]
+    assert low <= bench["step_over_forward"] <= high
     assert run(lambda: load("benchmark").main(["-r", ckpts["sundae"], "--cost-lengths", "16,64", "--batch", "2",
                                                "--repeats", "1"])) == 0
     out = capsys.readouterr().out

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.logits import categorical_from_uniform
 from sundae.hourglass import HourglassTransformer
-from sundae.process import UnrolledDenoising, categorical_from_uniform
+from sundae.process import UnrolledDenoising
 
 K = 8
 
