@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from ldm.conditioning import Cond
-from ldm.logits import filter_logits, guided_logits
+from ldm.logits import filter_logits, guided_logits, sample_categorical
 
 Callback = Callable[[dict[str, Any]], None]
 Order = Literal["random", "confidence", "raster"]
@@ -28,15 +28,13 @@ def _time_for_step(step: int, steps: int, num_timesteps: int) -> int:
     return max(1, round(step * num_timesteps / steps))
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample tokens (B, N) and their probabilities under the filtered distribution."""
-    if temperature == 0:
-        probs = logits.float().softmax(-1)
-        x = probs.argmax(-1)
-    else:
-        probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-        x = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+def _draw_all(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, N) drawn at every position and their probabilities under the filtered distribution (the
+    confidence order ranks every position by them)."""
+    x = sample_categorical(logits, temperature, top_k, top_p, generator)
+    probs = logits.float().softmax(-1) if temperature == 0 else \
+        filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return x, probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
@@ -84,23 +82,26 @@ def sample(
     for i, s in enumerate(range(steps, 0, -1)):
         t = torch.full((b,), _time_for_step(s, steps, num_timesteps), dtype=torch.long, device=device)
         logits = guided_logits(net, x, t, cond, null_cond, guidance_scale)  # (B, N, K)
-        x0_hat, conf = _draw(logits, temperature, top_k, top_p, generator)
-        if order == "random":
-            u = torch.rand((b, n), device=device, generator=generator)
-            reveal = (u < 1.0 / s) & ~unmasked
-        elif order == "raster":
-            n_reveal = torch.ceil((~unmasked).sum(1).float() / s).long()  # spread what is left over s steps
-            rank = torch.cumsum((~unmasked).long(), dim=1)  # 1-based rank among masked, raster order
-            reveal = ~unmasked & (rank <= n_reveal.unsqueeze(1))
-        else:
+        if order == "confidence":
+            x0_hat, conf = _draw_all(logits, temperature, top_k, top_p, generator)
             # cosine schedule: fraction still masked after this step = cos(pi/2 * (i+1)/steps)
             keep_masked = torch.floor(n_start_masked.float() * math.cos(math.pi / 2 * (i + 1) / steps)).long()
             n_reveal = ((~unmasked).sum(1) - keep_masked).clamp(min=0)  # (B,)
             score = conf.masked_fill(unmasked, -1.0)
             rank = score.argsort(dim=1, descending=True).argsort(dim=1)
             reveal = (rank < n_reveal.unsqueeze(1)) & ~unmasked
-        x = torch.where(reveal, x0_hat, x)
+            x = torch.where(reveal, x0_hat, x)
+        else:
+            if order == "random":
+                u = torch.rand((b, n), device=device, generator=generator)
+                reveal = (u < 1.0 / s) & ~unmasked
+            else:  # raster
+                n_reveal = torch.ceil((~unmasked).sum(1).float() / s).long()  # spread what is left over s steps
+                rank = torch.cumsum((~unmasked).long(), dim=1)  # 1-based rank among masked, raster order
+                reveal = ~unmasked & (rank <= n_reveal.unsqueeze(1))
+            x = x.clone()  # only the revealed positions are drawn: the rest of a full draw would be thrown away
+            x[reveal] = sample_categorical(logits[reveal], temperature, top_k, top_p, generator)
         unmasked = unmasked | reveal
         if callback is not None:
-            callback({"i": i, "steps": steps, "t": t, "x": x, "x0_pred": x0_hat})
+            callback({"i": i, "steps": steps, "t": t, "x": x})
     return x

@@ -60,3 +60,21 @@ def test_sundae_draws_only_accepted_positions_from_the_network():
     mixture = 0.5 / K + 0.5 * probs
     assert all(chi_squared_ok(out[:, i], mixture[i]) for i in range(n))
     assert not all(chi_squared_ok(out[:, i], probs[i]) for i in range(n))
+
+
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_absorbing_draws_only_revealed_positions_from_the_network(order):
+    """The absorbing sampler draws only the positions it reveals; in one step it reveals every position, each a
+    draw of the filtered softmax(logits / T)."""
+    from absorbing.sampling import sample as absorbing_sample
+
+    n, mask_id = 3, K
+
+    def net(x, t, cond):
+        return LOGITS.unsqueeze(0).expand(x.shape[0], n, K)
+
+    out = absorbing_sample(net, (DRAWS, n), mask_id, 4, steps=1, generator=torch.Generator().manual_seed(3),
+                           temperature=0.8, top_k=6, order=order)
+    probs = filter_logits(LOGITS / 0.8, 6).softmax(-1)
+    assert all(chi_squared_ok(out[:, i], probs[i]) for i in range(n))
+    assert not all(chi_squared_ok(out[:, i], LOGITS[i].softmax(-1)) for i in range(n))

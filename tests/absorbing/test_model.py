@@ -59,7 +59,8 @@ def test_scripts_read_the_checkpoint(tmp_path):
                             "--repeats", "1"], cwd=repo, check=True, capture_output=True, text=True).stdout
     bench = json.loads(bench[bench.index("{"):])
     assert (bench["batch"], bench["steps"]) == (4, 4) and bench["forward_s"] > 0 and bench["step_s"] > 0
-    assert bench["step_over_forward"] == pytest.approx(bench["step_s"] / bench["forward_s"])
+    low, high = bench["step_over_forward_quartiles"]  # the median of the per-step ratios
+    assert low <= bench["step_over_forward"] <= high
     subprocess.run([sys.executable, "scripts/evaluate.py", "-r", ckpt, "-n", "0", "--elbo-split", "validation",
                     "--elbo-limit", "8", "--elbo-strata", "2", "--bf16", "--out", str(tmp_path / "eval")],  # gets its .json suffix
                    cwd=repo, check=True, capture_output=True)
