@@ -3,6 +3,7 @@ original's checkpoints load into the network of their scale, and the errors bad 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,8 @@ def test_bad_sampling_input_is_refused():
         model.sample(2, cond=[0, 11])
     with pytest.raises(ValueError, match=r"temperature must be a number or 2 numbers >= 0, got \(1, 1, 1\)"):
         model.sample(2, cond=[0, 1], temperature=[1.0, 1.0, 1.0])
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=re.escape("mask must have shape (B, 1, H, W) = (2, 1, 16, 16) or (B, H, W) = "
+                                                   "(2, 16, 16) to match the images (2, 1, 16, 16), got (2, 1, 8, 8)")):
         model.inpaint(torch.zeros(2, 1, 16, 16), torch.ones(2, 1, 8, 8), cond=[0, 1])
 
 
