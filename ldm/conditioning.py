@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ldm.distributed import draw_local
+from ldm.util import PositiveInt
 
 Cond = dict[str, torch.Tensor]
 
@@ -211,24 +212,19 @@ class Text(Conditioner):
         return {self.out_key: text if self.kind == "ids" else text.float(), self.out_mask_key: mask}
 
 
-class Caption(Text):
-    """Captions as strings (`batch[key]`, or `sample(n, cond="a photo of a sandal")`), as UTF-8 byte ids with
-    their mask for a byte-level text encoder; the null caption is the empty one."""
+class TokenizedCaption(Text):
+    """Base of the caption conditioners: strings (`batch[key]`, or `sample(n, cond="a photo of a sandal")`) become
+    token ids with their mask through `tokenize`; pre-tokenized ids (a tensor in the batch) pass as `Text`'s."""
 
-    def __init__(self, max_length: int = 32, key: str = "caption", out_key: str = "context",
-                 out_mask_key: str = "context_mask"):
-        from ldm.nn.text import BYTE_VOCAB
-
-        super().__init__(max_length, kind="ids", vocab_size=BYTE_VOCAB, key=key, out_key=out_key,
-                         out_mask_key=out_mask_key)
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strings to (ids (B, max_length) long, mask (B, max_length) bool)."""
+        raise NotImplementedError
 
     def _ids(self, value: Any, n: int, device: torch.device | str) -> Cond:
-        from ldm.nn.text import byte_ids
-
         texts = [value] * n if isinstance(value, str) else list(value)
         if len(texts) != n or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"cond must be {self.describe()} for {n} samples, got {value!r}")
-        ids, mask = byte_ids(texts, self.max_length)
+        ids, mask = self.tokenize(texts)
         return {self.out_key: ids.to(device), self.out_mask_key: mask.to(device)}
 
     def encode(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> Cond:
@@ -237,9 +233,6 @@ class Caption(Text):
         value = batch[self.key]
         return self._ids(value, len(value), device) if not torch.is_tensor(value) else super().encode(batch, device)
 
-    def describe(self) -> str:
-        return f"a caption or one per sample (strings, up to {self.max_length} UTF-8 bytes are used)"
-
     def from_user(self, value: Any, n: int, device: torch.device | str = "cpu") -> Cond:
         if isinstance(value, str) and value != "null" or (isinstance(value, (list, tuple)) and value
                                                           and all(isinstance(v, str) for v in value)):
@@ -247,6 +240,94 @@ class Caption(Text):
         if value is None or value == "null" or isinstance(value, Mapping):
             return super().from_user(value, n, device)
         raise ValueError(f"cond must be {self.describe()} for {n} samples, got {value!r}")
+
+
+class Caption(TokenizedCaption):
+    """Captions as UTF-8 byte ids with their mask, for a byte-level text encoder; the null caption is the empty one."""
+
+    def __init__(self, max_length: int = 32, key: str = "caption", out_key: str = "context",
+                 out_mask_key: str = "context_mask"):
+        from ldm.nn.text import BYTE_VOCAB
+
+        super().__init__(max_length, kind="ids", vocab_size=BYTE_VOCAB, key=key, out_key=out_key,
+                         out_mask_key=out_mask_key)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from ldm.nn.text import byte_ids
+
+        return byte_ids(texts, self.max_length)
+
+    def describe(self) -> str:
+        return f"a caption or one per sample (strings, up to {self.max_length} UTF-8 bytes are used)"
+
+
+class HFCaption(TokenizedCaption):
+    """Captions through a pretrained Hugging Face tokenizer (`name`: a hub name or a local directory, the one its
+    text encoder was loaded from), padded to `max_length` with its attention mask.
+
+    The null caption is the tokenized empty string, as latent-diffusion's and Stable Diffusion's unconditional
+    pass (an encoder that ignores the mask still sees what it was trained on). `transformers` is imported and the
+    tokenizer loaded when the first caption is tokenized, so a config builds (meta device, checks) offline.
+    """
+
+    def __init__(self, name: str, max_length: PositiveInt = 77, vocab_size: PositiveInt | None = None,
+                 key: str = "caption", out_key: str = "context", out_mask_key: str = "context_mask"):
+        super().__init__(max_length, kind="ids", vocab_size=vocab_size, key=key, out_key=out_key,
+                         out_mask_key=out_mask_key)
+        self.name = str(name)
+        self._tokenizer: Any = None
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.name)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            try:
+                tokenizer = self.load_tokenizer()
+            except (OSError, ValueError) as e:  # not on the hub, not cached offline, or a folder without its files
+                raise ValueError(f"cannot load the tokenizer {self.name!r} of {type(self).__name__}: {e}") from e
+            if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers 5 may build an empty one
+                raise ValueError(f"the tokenizer {self.name!r} of {type(self).__name__} has no vocabulary beyond its "
+                                 "special tokens: its files (vocab.txt, tokenizer.json) were not found there or in "
+                                 "the Hugging Face cache")
+            if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
+                raise ValueError(f"the tokenizer {self.name!r} has {len(tokenizer)} tokens, more than the "
+                                 f"vocab_size {self.vocab_size} its text encoder embeds: another tokenizer?")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return enc["input_ids"].long(), enc["attention_mask"].bool()
+
+    def null(self, n: int, device: torch.device | str = "cpu") -> Cond:
+        ids, mask = self.tokenize([""])
+        return {self.out_key: ids.repeat(n, 1).to(device), self.out_mask_key: mask.repeat(n, 1).to(device)}
+
+    def describe(self) -> str:
+        return f"a caption or one per sample (strings, up to {self.max_length} tokens of the {self.name} tokenizer)"
+
+
+class BERTCaption(HFCaption):
+    """latent-diffusion's `BERTTokenizer` for its LAION text-to-image model (`ldm.nn.bert.BERTEmbedder`):
+    bert-base-uncased's WordPiece ids, 77 with [CLS] and [SEP], padded with [PAD] (0); `tokenizer_path` loads
+    the same tokenizer from a local directory (its `vocab.txt`, or a `save_pretrained` folder) instead."""
+
+    def __init__(self, max_length: PositiveInt = 77, tokenizer_path: str | None = None, key: str = "caption",
+                 out_key: str = "context", out_mask_key: str = "context_mask"):
+        from ldm.nn.bert import BERT_VOCAB
+
+        super().__init__(tokenizer_path or "bert-base-uncased", max_length, vocab_size=BERT_VOCAB, key=key,
+                         out_key=out_key, out_mask_key=out_mask_key)
+
+    def load_tokenizer(self) -> Any:
+        from transformers import BertTokenizerFast
+
+        return BertTokenizerFast.from_pretrained(self.name)
 
 
 class ConcatImage(Conditioner):

@@ -154,7 +154,8 @@ class LatentDiffusionPrior(LatentPrior):
     # --- checkpoints --------------------------------------------------------------------------
     def convert_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A latent-diffusion checkpoint: `model.diffusion_model.*` is the UNet, `model_ema.diffusion_model*` its
-        average; its schedule buffers must be this config's."""
+        average, `first_stage_model.*` and `cond_stage_model.*` keep their names; its schedule buffers must be
+        this config's."""
         if not any(k.startswith("model.diffusion_model.") for k in state):
             return state
         out = {}
@@ -165,7 +166,7 @@ class LatentDiffusionPrior(LatentPrior):
                 out["model_ema." + k[len("model_ema.diffusion_model"):]] = v
             elif k in ("model_ema.decay", "model_ema.num_updates") or k in SCHEDULE_KEYS or k == "scale_factor":
                 out[k] = v
-            elif k.startswith("first_stage_model."):
+            elif k.startswith(("first_stage_model.", "cond_stage_model.")):
                 out[k] = v
         return out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.diffusion.model import repaint_schedule
+from ldm.diffusion.model import SCHEDULE_KEYS, repaint_schedule
 from ldm.util import ConfigError
 from tests.fixture_paths import fixture_dir
 from tests.toy import build_from_config
@@ -76,6 +76,24 @@ def test_latent_diffusion_checkpoint_layout_loads(tmp_path):
     with pytest.raises(ValueError, match=r"12 shape mismatch\(es\): betas: \(1000,\) in .*, \(100,\) in "
                                          r"LatentDiffusionPrior"):
         build(**{"model.params.ckpt_path": str(tmp_path / "ldm.ckpt")})
+
+
+def test_original_layout_keeps_the_conditioning_network(tmp_path):
+    """A latent-diffusion checkpoint of a conditional model (text, class) stores its `cond_stage_model.*`
+    beside the UNet; they load into this prior's conditioning network."""
+    ref = build_from_config(CFG.parent / "ldm_text.yaml")
+    state = {}
+    for k, v in ref.state_dict().items():
+        if k.startswith("model."):
+            state["model.diffusion_model." + k[len("model."):]] = v.clone()
+        elif k.startswith(("cond_stage_model.", "scale_factor")) or k in SCHEDULE_KEYS:
+            state[k] = v.clone()
+    assert any(k.startswith("cond_stage_model.") for k in state)
+    torch.save({"state_dict": state}, tmp_path / "ldm_text.ckpt")
+    loaded = build_from_config(CFG.parent / "ldm_text.yaml", **{"model.params.ckpt_path": str(tmp_path / "ldm_text.ckpt")})
+    for k, v in ref.state_dict().items():
+        if k.startswith(("model.", "cond_stage_model.")):
+            assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_nll_is_a_bound_in_bits_per_dimension():

@@ -1,7 +1,8 @@
 """latent-diffusion's model-zoo configurations build on the meta device with the original UNets' parameter counts.
 The independent count is diffusers' implementation of the same architecture, configured from the original
 configuration: its own LDM converter (`create_unet_diffusers_config`) for the cross-attention UNet, and the
-block-by-block equivalent `UNet2DModel` for the self-attention ones."""
+block-by-block equivalent `UNet2DModel` for the self-attention ones. The LAION text-to-image model's text encoder
+(BERTEmbedder) is counted in closed form from the x-transformers 0.x layout latent-diffusion bundles."""
 
 from __future__ import annotations
 
@@ -72,3 +73,32 @@ def test_cross_attention_zoo_unet_has_the_original_parameter_count():
     assert count(prior.model) == count(theirs)
     assert count(prior.cond_stage_model) == 1001 * 512  # the class embedder
     print(f"cin256_v2: {count(prior.model):,} UNet parameters")
+
+
+def x_transformers_0x_encoder_parameters(dim: int, depth: int, vocab: int, max_len: int, heads: int = 8,
+                                         dim_head: int = 64, ff_mult: int = 4) -> int:
+    """latent-diffusion's BERTEmbedder counted from its bundled x-transformers 0.x: TransformerWrapper(token_emb,
+    pos_emb, final LayerNorm, to_logits with bias) around `depth` pairs of pre-norm blocks, each with a biased
+    LayerNorm: attention (bias-free q, k, v to heads x dim_head, biased output) and a GELU feed-forward."""
+    inner, hidden, norm = heads * dim_head, ff_mult * dim, 2 * dim
+    attention = norm + 3 * dim * inner + inner * dim + dim
+    feedforward = norm + dim * hidden + hidden + hidden * dim + dim
+    return vocab * dim + max_len * dim + depth * (attention + feedforward) + norm + (dim * vocab + vocab)
+
+
+def test_text_to_image_zoo_config_has_the_original_parameter_count():
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    prior, cfg = build("txt2img_laion")
+    params = cfg["model"]["params"]
+    original = {"model": {"params": {"unet_config": {"params": dict(params["unet_config"]["params"])},
+                                     "first_stage_config": params["first_stage_config"]}}}
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(original, {}, image_size=256))
+    assert count(prior.model) == count(theirs) == 872_300_484
+    bert = params["cond_stage_config"]["params"]
+    assert count(prior.cond_stage_model) == x_transformers_0x_encoder_parameters(
+        bert["n_embed"], bert["n_layer"], vocab=30522, max_len=77) == 581_994_042
+    total = count(prior.model) + count(prior.cond_stage_model)
+    assert round(total / 1e9, 2) == 1.45  # the paper's and the README's "1.45B" (the first stage aside)
+    print(f"txt2img_laion: {count(prior.model):,} UNet + {count(prior.cond_stage_model):,} BERTEmbedder parameters")
