@@ -221,3 +221,27 @@ class ClassFolder(ImagePaths):
         self.synsets = order
         super().__init__(paths, size, labels=labels, crop=crop, flip=flip, max_pixels=max_pixels,
                          allow_truncated=allow_truncated, root=root, max_side=max_side)
+
+
+class CaptionedFolder(ImagePaths):
+    """Images under `root`, each with its caption in a text file of the same stem beside it (`00042.jpg` and
+    `00042.txt`, the layout img2dataset writes for LAION): items carry `caption` (str). An image without its
+    caption file is refused when the data set is built, naming it, rather than trained on unconditioned."""
+
+    def __init__(self, root: str, size: int, crop: Crop = "center", flip: bool = False,
+                 max_pixels: int = 64_000_000, allow_truncated: bool = False, max_side: int = 16384,
+                 caption_ext: str = ".txt"):
+        paths = list_images(root)
+        missing = [p for p in paths if not p.with_suffix(caption_ext).is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) in {root} have no caption file ({caption_ext} of the same "
+                             f"stem), e.g. {missing[0]}")
+        self.caption_ext = caption_ext
+        super().__init__(paths, size, crop=crop, flip=flip, max_pixels=max_pixels, allow_truncated=allow_truncated,
+                         root=root, max_side=max_side)
+
+    def __getitem__(self, i: int) -> dict | Skipped:
+        item = super().__getitem__(i)
+        if isinstance(item, dict):
+            item["caption"] = Path(self.paths[i]).with_suffix(self.caption_ext).read_text(encoding="utf-8").strip()
+        return item

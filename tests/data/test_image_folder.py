@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from ldm.data.image_folder import ClassFolder, ImageFolder
+from ldm.data.image_folder import CaptionedFolder, ClassFolder, ImageFolder
 from ldm.data.skipped import Skipped, collate_good
 
 
@@ -188,3 +188,21 @@ def test_evaluation_leaves_unreadable_images_out(tmp_path):
     model = VQModel(dd, {"target": "torch.nn.Identity"}, n_embed=8, embed_dim=4)
     assert evaluate_first_stage(model, ds, batch_size=1, progress=False)["images"] == good
     assert ds.skip_report() == {"truncated": 1, "unreadable": 3, "too_large": 1}
+
+
+def test_captioned_folder_reads_each_caption_and_refuses_an_image_without_one(tmp_path):
+    root = tmp_path / "laion" / "00000"
+    root.mkdir(parents=True)
+    for i, text in enumerate(["a red fox in snow", "  Ünïcode café\n"]):
+        Image.fromarray(np.full((12, 20, 3), 40 * i, np.uint8)).save(root / f"{i:05d}.jpg")
+        (root / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+    (root / "00002.txt").write_text("a caption without its image")
+    (root / "00003.jpg").write_bytes(b"")  # unreadable, with a caption: skipped like any bad image
+    (root / "00003.txt").write_text("broken")
+    ds = CaptionedFolder(str(tmp_path / "laion"), size=8)
+    assert len(ds) == 3 and [ds[i]["caption"] for i in range(2)] == ["a red fox in snow", "Ünïcode café"]
+    assert ds[0]["image"].shape == (3, 8, 8) and isinstance(ds[2], Skipped)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "00004.png")
+    with pytest.raises(ValueError, match=r"1 image\(s\) in .*laion have no caption file \(\.txt of the same stem\), "
+                                         r"e\.g\. .*00004\.png"):
+        CaptionedFolder(str(tmp_path / "laion"), size=8)
