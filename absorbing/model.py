@@ -92,6 +92,7 @@ class AbsorbingPrior(LatentPrior):
         if set(self.conditioner.keys) - {"class_label"}:
             raise ValueError(f"the absorbing denoisers take class labels only; the conditioner gives "
                              f"{list(self.conditioner.keys)}")
+        self.time_conditioning = bool(time_conditioning)  # without it, sampling reuses the logits of unchanged rows
         if time_conditioning:
             backbone_kw.update(time_conditioning=True, num_timesteps=num_timesteps)
         self.model = instantiate_from_config(denoiser_config, key="denoiser_config", **backbone_kw)
@@ -134,7 +135,7 @@ class AbsorbingPrior(LatentPrior):
             self.sample_steps if steps is None else steps, cond or None,
             generator, null_cond=self.null_cond(n) if cond else None, order=order, device=self.device,
             x_init=None if x_init is None else x_init.flatten(1), known=None if known is None else known.flatten(1),
-            **kw,
+            time_invariant=not self.time_conditioning, **kw,
         )
         return tokens.view(n, h, w)
 

@@ -6,6 +6,11 @@ still-masked token is revealed with probability 1/s (so all are revealed at s = 
 from the denoiser's prediction of x_0. `order="confidence"` reveals instead the most confident
 predictions on a cosine schedule (MaskGIT, Chang et al. 2022); `order="raster"` reveals tokens in
 raster order, evenly over the steps (one per step when steps = N, as in the paper's big samples).
+
+A denoiser that ignores t (the paper's; `time_invariant=True`) gives a row that did not change since its
+last evaluation the same logits again, so only the rows a step changed are evaluated at the next one and
+the rest reuse their logits: the same samples for the same seed, with fewer network evaluations (with
+random order and many steps most rows change at only a fraction of the steps).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ldm.conditioning import Cond
+from ldm.conditioning import Cond, index_cond
 from ldm.logits import filter_logits, guided_logits, sample_categorical
 
 Callback = Callable[[dict[str, Any]], None]
@@ -58,8 +63,12 @@ def sample(
     x_init: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    time_invariant: bool = False,
 ) -> torch.Tensor:
-    """Generate tokens (B, N); with `known` (B, N) bool the tokens of `x_init` there are kept (inpainting)."""
+    """Generate tokens (B, N); with `known` (B, N) bool the tokens of `x_init` there are kept (inpainting).
+
+    The callback's `evaluated` is the number of rows the network ran on at that step.
+    """
     b, n = shape
     steps = num_timesteps if steps is None else steps  # 0 is refused below, not taken for the default
     if order not in ("random", "confidence", "raster"):
@@ -78,10 +87,20 @@ def sample(
         x = torch.where(known, x_init.to(device), x)
     unmasked = x != mask_id  # (B, N) bool
     n_start_masked = (~unmasked).sum(1)  # (B,)
+    logits: torch.Tensor | None = None  # the last evaluation of every row (reused when time_invariant)
+    changed = torch.ones(b, dtype=torch.bool, device=device)  # rows changed since their last evaluation
 
     for i, s in enumerate(range(steps, 0, -1)):
         t = torch.full((b,), _time_for_step(s, steps, num_timesteps), dtype=torch.long, device=device)
-        logits = guided_logits(net, x, t, cond, null_cond, guidance_scale)  # (B, N, K)
+        if time_invariant and logits is not None:
+            rows = changed.nonzero().squeeze(1)  # only these rows' logits can differ from their last evaluation
+            if len(rows):
+                logits[rows] = guided_logits(net, x[rows], t[rows], index_cond(cond, rows) if cond else None,
+                                             index_cond(null_cond, rows) if null_cond else None, guidance_scale)
+            evaluated = len(rows)
+        else:
+            logits = guided_logits(net, x, t, cond, null_cond, guidance_scale)  # (B, N, K)
+            evaluated = b
         if order == "confidence":
             x0_hat, conf = _draw_all(logits, temperature, top_k, top_p, generator)
             # cosine schedule: fraction still masked after this step = cos(pi/2 * (i+1)/steps)
@@ -102,6 +121,7 @@ def sample(
             x = x.clone()  # only the revealed positions are drawn: the rest of a full draw would be thrown away
             x[reveal] = sample_categorical(logits[reveal], temperature, top_k, top_p, generator)
         unmasked = unmasked | reveal
+        changed = reveal.any(1)  # (B,)
         if callback is not None:
-            callback({"i": i, "steps": steps, "t": t, "x": x})
+            callback({"i": i, "steps": steps, "t": t, "x": x, "evaluated": evaluated})
     return x
