@@ -16,20 +16,30 @@ from tests.fixture_paths import fixture_dir
 
 
 def import_mingpt():
-    """taming's minGPT imports `transformers` for a sampling helper its GPT never calls: an empty stand-in
-    module is enough to import the network."""
+    """taming's minGPT imports `top_k_top_p_filtering` from `transformers` for a sampling helper its GPT never
+    calls (transformers 4.40 removed it): a stand-in for the import is enough to build the network."""
     import sys
     import types
 
+    if "taming.modules.transformer.mingpt" in sys.modules:
+        return sys.modules["taming.modules.transformer.mingpt"]
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
+        transformers = None
+    if transformers is not None and hasattr(transformers, "top_k_top_p_filtering"):
+        return pytest.importorskip("taming.modules.transformer.mingpt")
+    if transformers is None:
         sys.modules["transformers"] = types.SimpleNamespace(top_k_top_p_filtering=None)
-        try:
-            return pytest.importorskip("taming.modules.transformer.mingpt")
-        finally:  # no other test sees the stand-in
+    else:
+        transformers.top_k_top_p_filtering = None
+    try:
+        return pytest.importorskip("taming.modules.transformer.mingpt")
+    finally:  # no other test sees the stand-in
+        if transformers is None:
             del sys.modules["transformers"]
-    return pytest.importorskip("taming.modules.transformer.mingpt")
+        else:
+            del transformers.top_k_top_p_filtering
 
 
 def original_fixture():

@@ -32,15 +32,6 @@ def text_prior(conditioner: dict, encoder: dict):
     return instantiate_from_config(cfg.model, key="model")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Nothing may download: a tokenizer comes from a local directory or not at all."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-
 @pytest.fixture
 def vocab_dir(tmp_path):
     """A folder laid out as bert-base-uncased's (a WordPiece `vocab.txt`), with twelve entries."""

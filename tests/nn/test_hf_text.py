@@ -4,7 +4,6 @@ takes; nothing downloads."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from ldm.nn.hf_text import FrozenHFTextEncoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["<pad>", "</s>", "<unk>", "<s>", "a", "photo", "of", "cat", "dog", "sandal", "bag"]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 def save_tokenizer(path: Path, template: str) -> None:
