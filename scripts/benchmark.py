@@ -10,9 +10,9 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
 
 Both timings come from one run, interleaved, so the ratio holds on any machine: where one bare forward
 stands for one sampling step, one is timed after every step (in the sampler's callback) and each step is
-paired with it; the median of the per-step ratios and its quartiles are reported. A step's time is what the
-sampler spent between two callbacks, over the samples still running (SUNDAE's may stop early: pass
-`--option min_steps=null` to keep the whole batch, like the bare forward).
+paired with it, on as many rows as the step ran the network on (a sampler that skips rows, absorbing's
+unchanged ones or SUNDAE's stopped samples, reports `evaluated` to its callback); the median of the per-step
+ratios and its quartiles are reported. A step's time is what the sampler spent between two callbacks.
 `--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
 and total depth at those sequence lengths (square token maps): forward + backward time, the activations
 autograd keeps and, on CUDA, the peak memory, with their ratios (`sundae.cost`).
@@ -211,20 +211,27 @@ def main(argv: list[str] | None = None) -> int:
 
     per_call = getattr(forward, "steps_per_call", 1)  # a forward that stands for several sampling steps
     paired = per_call == 1  # a bare forward between every two sampling steps: pairs a few tenths of a second apart
-    ran: list[float] = []  # the bare forward's time after each sampling step (0 when not paired)
+    forwards = {n: forward}  # by batch size: a step that runs the network on fewer rows is paired with as many
+
+    def forward_on(rows: int):
+        if rows not in forwards:
+            forwards[rows] = prior.sampling_forward(rows, None if cond is None else cond[:rows],
+                                                    guidance_scale=args.guidance)
+        return forwards[rows]
+
+    clock = [0.0]
+    paired_forward_s: list[float] = []  # the bare forward's time after each sampling step (0 when not paired)
     step_times: list[float] = []
 
     def after_step(info) -> None:
-        now = time.perf_counter()
-        step_times.append(now - clock[0])
-        ran.append(timed(forward, 1) if paired else 0.0)
+        step_times.append(time.perf_counter() - clock[0])
+        rows = int(info.get("evaluated", n))  # samplers that skip rows say how many the network ran on
+        paired_forward_s.append(timed(forward_on(rows), 1) if paired and rows else 0.0)
         clock[0] = time.perf_counter()
-
-    clock = [0.0]
 
     def sampling():
         generator = torch.Generator(device=prior.device).manual_seed(0)
-        ran.clear(), step_times.clear()
+        paired_forward_s.clear(), step_times.clear()
         clock[0] = time.perf_counter()
         prior.sample_latents(n, sampler_cond, generator, callback=after_step, **options)
 
@@ -233,15 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):  # interleaved so drift affects both
         if paired:
             sampling()
-            fwd += ran
-            samp += step_times
-            ratios += [s / f for s, f in zip(step_times, ran)]
+            pairs = [(s, f) for s, f in zip(step_times, paired_forward_s) if f > 0]  # steps that ran the network
+            fwd += [f for _, f in pairs]
+            samp += [s for s, _ in pairs]
+            ratios += [s / f for s, f in pairs]
         else:
             fwd.append(timed(forward, 3) / per_call)
-            samp.append(timed(sampling, 1) / max(1, len(ran)))  # per step run (samples may stop early)
+            samp.append(timed(sampling, 1) / max(1, len(step_times)))  # per step run (samples may stop early)
             ratios.append(samp[-1] / fwd[-1])
     ratios.sort()
-    result = {"batch": n, "steps": options.get("steps"), "options": options, "steps_run": len(ran),
+    result = {"batch": n, "steps": options.get("steps"), "options": options, "steps_run": len(step_times),
               "guidance": args.guidance, "threads": torch.get_num_threads(), "repeats": args.repeats,
               "paired_per_step": paired, "forward_s": statistics.median(fwd), "step_s": statistics.median(samp),
               "step_over_forward": statistics.median(ratios),

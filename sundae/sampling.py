@@ -97,7 +97,8 @@ def sample(
         x[idx] = new
         if callback is not None:
             callback({"i": i, "steps": steps, "x": x, "temperature": temp, "proportion": prop,
-                      "active": active.clone(), "steps_taken": taken.clone()})
+                      "active": active.clone(), "steps_taken": taken.clone(),
+                      "evaluated": len(idx)})
         if not bool(active.any()):
             break
     return (x, taken) if return_steps else x

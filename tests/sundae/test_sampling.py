@@ -52,7 +52,7 @@ def test_a_sample_that_does_not_change_stops_after_min_steps():
 def test_each_sample_stops_on_its_own_and_the_rest_keep_running():
     """Rows 0-1 are frozen by a certain network, rows 2-3 keep changing: only these reach the last step, and
     the network is called on the still-changing rows alone."""
-    sizes, seen = [], []
+    sizes, seen, evaluated = [], [], []
 
     def net(x, cond):
         sizes.append(x.shape[0])
@@ -63,9 +63,10 @@ def test_each_sample_stops_on_its_own_and_the_rest_keep_running():
 
     x, taken = sample(net, (4, N), K, 12, cond={"row": torch.arange(4)}, generator=torch.Generator().manual_seed(0),
                       min_steps=2, proportion=1.0, return_steps=True,
-                      callback=lambda d: seen.append(d["steps_taken"].clone()))
+                      callback=lambda d: (seen.append(d["steps_taken"].clone()), evaluated.append(d["evaluated"])))
     assert taken.tolist() == [3, 3, 12, 12]
     assert sizes[:3] == [4, 4, 4] and set(sizes[3:]) == {2}
+    assert evaluated == sizes  # the callback says how many rows each step ran the network on
     assert seen[-1].tolist() == taken.tolist() and len(seen) == 12
 
 
