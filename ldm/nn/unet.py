@@ -6,7 +6,8 @@ Residual blocks carry the timestep (and class) embedding, added or as scale and 
 (`use_scale_shift_norm`); attention at the resolutions in `attention_resolutions` (downsampling factors) is
 either the self-attention block (`legacy` head split: heads taken before q/k/v) or, with
 `use_spatial_transformer`, a transformer over the positions with cross-attention to `context` (text tokens).
-`num_classes` adds a class embedding to the timestep embedding. Norms are GroupNorm(32) computed in float32,
+`num_classes` adds a class embedding to the timestep embedding, `aug_level_conditioning` an embedding of the
+noise level of a super-resolution stage's augmented low-resolution input (Imagen's cascades). Norms are GroupNorm(32) computed in float32,
 as the original.
 """
 
@@ -277,6 +278,7 @@ class UNetModel(nn.Module):
         context_dim: PositiveInt | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
+        aug_level_conditioning: bool = False,
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -293,6 +295,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, ted)
+        self.aug_level_conditioning = aug_level_conditioning
+        if aug_level_conditioning:  # the noise level of a super-resolution stage's augmented input (Imagen)
+            self.aug_level_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
 
         def attention(ch: int, heads_default: int) -> nn.Module:
             if num_head_channels == -1:
@@ -347,12 +352,18 @@ class UNetModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                aug_level: torch.Tensor | None = None) -> torch.Tensor:
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y (class labels) must be given if and only if the UNet has num_classes")
+        if (aug_level is not None) != self.aug_level_conditioning:
+            raise ValueError("aug_level (the conditioning image's noise level) must be given if and only if the UNet "
+                             "has aug_level_conditioning")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
+        if aug_level is not None:
+            emb = emb + self.aug_level_embed(timestep_embedding(aug_level, self.model_channels).to(x.dtype))
         hs, h = [], x
         for module in self.input_blocks:
             h = module(h, emb, context, context_mask)
