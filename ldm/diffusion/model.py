@@ -7,6 +7,11 @@ Sampling runs the sampler the options name (`ldm.diffusion.sampling`); inpaintin
 noised to each step's level, into every DDIM step (latent-diffusion's way) or runs RePaint (Lugmayr et al.
 2022: jumps back up the chain re-noised with the forward process's variance, `repaint_jump` steps, each
 stretch resampled `repaint_resample` times). `nll` is the variational bound in bits per latent dimension.
+
+With `elucidated` set the prior is Karras et al. 2022's EDM (`ldm.diffusion.elucidated`): it trains the preconditioned
+denoiser D(x; σ) and samples on the Karras σ schedule with ddim (σ-space, `eta`), dpm++2m, euler or heun (churn);
+guidance and x_0 clipping act as for the discrete prior, inpainting blends (RePaint's, ddpm's and plms's discrete
+chain is refused, and so is `nll`). The discrete schedule buffers stay, unused.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 import torch
 
 from ldm.conditioning import Cond
+from ldm.diffusion import elucidated as edm_samplers
 from ldm.diffusion import sampling as samplers
+from ldm.diffusion.elucidated import Elucidated
 from ldm.diffusion.process import (
     SCHEDULE_KEYS,
     GaussianDiffusion,
@@ -29,10 +36,12 @@ from ldm.diffusion.process import (
     extract,
 )
 from ldm.prior import LatentPrior
-from ldm.sampler_options import Option, SamplerOptions
+from ldm.sampler_options import Mode, Option, SamplerOptions
 from ldm.util import ConfigError, NonNegativeFloat, PositiveInt, instantiate_from_config
 
 SAMPLERS = ("ddim", "plms", "dpm++2m", "euler", "heun", "ddpm")
+EDM_SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")  # those an elucidated prior runs in σ-space
+EDM_MAX_STEPS = 1000  # an elucidated prior has no T to bound its steps
 
 
 def _default(name: str) -> Any:
@@ -40,16 +49,20 @@ def _default(name: str) -> Any:
 
 
 def _max_steps(prior: LatentDiffusionPrior, _: Any = None) -> int:
-    return prior.process.num_timesteps
+    return prior.process.num_timesteps if prior.edm is None else EDM_MAX_STEPS
 
 
 SAMPLER_OPTIONS = SamplerOptions(
     Option("sampler", str, _default("sampler"), choices=SAMPLERS,
-           help="ddim (eta), plms, dpm++2m (DPM-Solver++ 2M), euler / heun (Karras sigmas, churn), ddpm (all T steps)"),
+           help="ddim (eta), plms, dpm++2m (DPM-Solver++ 2M), euler / heun (Karras sigmas, churn), ddpm (all T steps); "
+                "an elucidated prior: ddim, dpm++2m, euler, heun"),
     Option("steps", int, _default("steps"), low=1, high=_max_steps,
            help="sampler steps (network evaluations; heun spends two per step but the last); ddpm runs all T"),
     Option("eta", float, 0.0, low=0.0, high=1.0, help="DDIM's eta: 0 deterministic, 1 as ancestral sampling"),
     Option("s_churn", float, 0.0, low=0.0, help="euler / heun: Karras et al.'s churn, noise added back per step"),
+    Option("s_tmin", float, 0.0, low=0.0, help="euler / heun: churn only at sigma >= s_tmin"),
+    Option("s_tmax", float, None, low=0.0, nullable=True, help="euler / heun: churn only at sigma <= s_tmax (None: all)"),
+    Option("s_noise", float, 1.0, low=0.0, help="euler / heun: scale of the churn noise (Karras et al.'s S_noise)"),
     Option("guidance_scale", float, 1.0, low=0.0, conditional_only=True,
            help="classifier-free guidance u + s (c - u) on the network output: 1 is the conditional model; needs a "
                 "prior trained with cond_drop_prob > 0"),
@@ -87,6 +100,7 @@ class LatentDiffusionPrior(LatentPrior):
         parameterization: Parameterization = "eps",
         loss_type: LossType = "l2",
         min_snr_gamma: float | None = None,
+        elucidated: Mapping[str, float] | None = None,
         sample_defaults: Mapping[str, Any] | None = None,
         cond_stage_config: Mapping[str, Any] | None = None,
         ckpt_path: str | None = None,
@@ -99,6 +113,13 @@ class LatentDiffusionPrior(LatentPrior):
                                              parameterization, loss_type, min_snr_gamma)
         except ValueError as e:
             raise ConfigError("model.params", str(e)) from None
+        try:  # EDM instead of the discrete process: {sigma_data, p_mean, p_std, sigma_min, sigma_max, rho}
+            self.edm = None if elucidated is None else Elucidated.from_config(elucidated)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("elucidated", str(e)) from None
+        if self.edm is not None and (parameterization, loss_type, min_snr_gamma) != ("eps", "l2", None):
+            raise ConfigError("elucidated", "EDM's preconditioning and loss weight replace parameterization, loss_type "
+                                            "and min_snr_gamma: leave them eps, l2 and None")
         for key, value in self.process.buffers.items():  # latent-diffusion's top-level schedule buffers
             self.register_buffer(key, value.clone())
         keys = set(self.conditioner.keys)
@@ -140,7 +161,7 @@ class LatentDiffusionPrior(LatentPrior):
                                                        f"UNet's context_dim {self.model.context_dim}")
             names.append("cond_stage_model")
         self.network_names = tuple(names)
-        self.sample_defaults = {"sampler": "ddim", "steps": 50}
+        self.sample_defaults = {"sampler": "ddim" if self.edm is None else "heun", "steps": 50}
         try:
             self.sample_defaults.update(self.check_sampler_options(dict(sample_defaults or {})))
         except ValueError as e:
@@ -200,6 +221,8 @@ class LatentDiffusionPrior(LatentPrior):
                      ema: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         from ldm.distributed import draw_local
 
+        if self.edm is not None:
+            return self._edm_loss(latents, cond, generator, ema)
         b = latents.shape[0]
         gen_device = generator.device if generator is not None else latents.device
         t = draw_local(lambda m: torch.randint(0, self.process.num_timesteps, (m,), generator=generator,
@@ -233,7 +256,9 @@ class LatentDiffusionPrior(LatentPrior):
         return lambda x0: x0.clamp(-clip, clip)
 
     def _run(self, model, x_T: torch.Tensor, generator: torch.Generator | None, callback: Any, sampler: str,
-             steps: int, eta: float, s_churn: float, x0_transform: Any = None) -> torch.Tensor:
+             steps: int, eta: float, churn: Mapping[str, float], x0_transform: Any = None) -> torch.Tensor:
+        if self.edm is not None:
+            return self._edm_run(model, x_T, generator, callback, sampler, steps, eta, churn, x0_transform)
         p = self.process
         if sampler not in ("euler", "heun"):
             model = samplers.with_x0_transform(model, p, x0_transform)
@@ -248,7 +273,7 @@ class LatentDiffusionPrior(LatentPrior):
         den = samplers.VPDenoiser(model, p, x0_transform)
         sigmas = samplers.karras_sigmas(steps, den.sigma_min, den.sigma_max, device=x_T.device)
         fn = samplers.heun if sampler == "heun" else samplers.euler
-        return fn(den, x_T * sigmas[0], sigmas, generator, callback, s_churn=s_churn)
+        return fn(den, x_T * sigmas[0], sigmas, generator, callback, **churn)
 
     def _noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         gen_device = generator.device if generator is not None else self.device
@@ -260,7 +285,7 @@ class LatentDiffusionPrior(LatentPrior):
         transform = self.x0_transform(o)
         model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
         return self._run(model, self._noise(n, generator), generator, callback, o["sampler"], o["steps"],
-                         o.get("eta", 0.0), o.get("s_churn", 0.0), transform)
+                         o.get("eta", 0.0), churn_options(o), transform)
 
     def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
                         generator: torch.Generator | None, ema: bool = True, callback: Any = None,
@@ -273,6 +298,10 @@ class LatentDiffusionPrior(LatentPrior):
         o = {**self.sample_defaults, **kw}
         n = latents.shape[0]
         model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
+        if self.edm is not None:
+            x = self._edm_blend(model, latents, known[:, None].to(latents.dtype), generator, callback, o["steps"],
+                                o.get("eta", 0.0), self.x0_transform(o))
+            return torch.where(known[:, None].expand_as(latents), latents, x)
         model = samplers.with_x0_transform(model, self.process, self.x0_transform(o))
         mask = known[:, None].to(latents.dtype)
         if o.get("inpaint_method", "blend") == "repaint":
@@ -327,6 +356,9 @@ class LatentDiffusionPrior(LatentPrior):
         """The variational bound on -log p(z) in bits per latent dimension (improved-diffusion's `calc_bpd_loop`):
         KL(q(z_T | z) || N(0, I)) + the KL of every reverse step + the decoder term at t = 0, a Gaussian
         log-density with the posterior's smallest variance (the latents are continuous, not 8-bit pixels)."""
+        if self.edm is not None:
+            raise NotImplementedError("the variational bound needs the discrete chain: an elucidated (EDM) prior "
+                                      "has no nll")
         p = self.process
         model = self._model_fn(latents.shape[0], cond, ema, 1.0, 0.0)
         dims = latents[0].numel()
@@ -357,7 +389,69 @@ class LatentDiffusionPrior(LatentPrior):
         model = samplers.guided(self.denoiser(use_ema), c or None, self.null_cond(n) if c else None, guidance_scale)
         x = self._noise(n, torch.Generator(device=self.device).manual_seed(0))
         t = torch.full((n,), self.process.num_timesteps // 2, device=self.device, dtype=torch.long)
+        if self.edm is not None:  # the UNet's time input is c_noise(σ), here at σ = σ_data
+            t = self.edm.scalings(torch.full((n,), self.edm.sigma_data, device=self.device))[3]
         return lambda: model(x, t)
+
+    # --- elucidated diffusion (Karras et al. 2022) -------------------------------------------------
+    @property
+    def has_likelihood(self) -> bool:
+        return self.edm is None
+
+    def check_sampler_options(self, options: Mapping[str, Any], mode: Mode = "sample") -> dict[str, Any]:
+        """As the base, and an elucidated prior refuses the samplers that walk the discrete chain."""
+        out = super().check_sampler_options(options, mode)
+        if self.edm is not None and out.get("sampler", "ddim") not in EDM_SAMPLERS:
+            raise ValueError(f"sampler {out['sampler']!r} walks the discrete schedule; an elucidated (EDM) prior "
+                             f"samples with {', '.join(EDM_SAMPLERS)}")
+        if self.edm is not None and out.get("inpaint_method") == "repaint":
+            raise ValueError("inpaint_method 'repaint' walks the discrete chain; an elucidated (EDM) prior inpaints "
+                             "with 'blend'")
+        return out
+
+    def _edm_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None,
+                  ema: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """EDM's loss λ(σ) ||D(z + σ n; σ) - z||², ln σ ~ N(P_mean, P_std²), drawn for the global batch."""
+        from ldm.distributed import draw_local
+
+        b, edm = latents.shape[0], self.edm
+        gen_device = generator.device if generator is not None else latents.device
+        sigma = draw_local(lambda m: edm.draw_sigma(m, generator, gen_device), b, latents.device).to(latents.device)
+        noise = draw_local(lambda m: torch.randn((m, *latents.shape[1:]), generator=generator, device=gen_device),
+                           b, latents.device).to(latents.device)
+        net = self.denoiser(ema)
+        loss = edm.loss(lambda x, c_noise: net(x, c_noise, cond), latents, sigma, noise)
+        return loss.mean(), {"loss_simple": loss.mean().detach()}
+
+    def _edm_run(self, model, x_T: torch.Tensor, generator: torch.Generator | None, callback: Any, sampler: str,
+                 steps: int, eta: float, churn: Mapping[str, float], x0_transform: Any) -> torch.Tensor:
+        """σ-space sampling on the Karras schedule; guidance acts on F (linear, so on D too), x_0 transforms on D."""
+        den = self.edm.denoiser(model, x0_transform)
+        sigmas = self.edm.sigmas(steps, device=x_T.device)
+        if sampler == "ddim":
+            return edm_samplers.ddim(den, x_T * sigmas[0], sigmas, generator, callback, eta=eta)
+        if sampler == "dpm++2m":
+            return edm_samplers.dpm_solver_pp_2m(den, x_T * sigmas[0], sigmas, generator, callback)
+        fn = samplers.heun if sampler == "heun" else samplers.euler
+        return fn(den, x_T * sigmas[0], sigmas, generator, callback, **churn)
+
+    def _edm_blend(self, model, x0: torch.Tensor, mask: torch.Tensor, generator, callback, steps: int, eta: float,
+                   x0_transform: Any) -> torch.Tensor:
+        """Blended σ-space DDIM (Euler steps at eta 0): before each step the known region is x_0 + σ n."""
+        def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            noised = x0 + sigma.view(-1, 1, 1, 1).to(x0.dtype) * self._noise(x.shape[0], generator)
+            return mask * noised + (1 - mask) * x
+
+        sigmas = self.edm.sigmas(steps, device=x0.device)
+        return edm_samplers.ddim(self.edm.denoiser(model, x0_transform), self._noise(x0.shape[0], generator) * sigmas[0],
+                                 sigmas, generator, callback, eta=eta, before_step=blend)
+
+
+def churn_options(options: Mapping[str, Any]) -> dict[str, float]:
+    """euler / heun's churn keywords from the sampler options (s_tmax None: no upper bound)."""
+    s_tmax = options.get("s_tmax")
+    return {"s_churn": options.get("s_churn", 0.0), "s_tmin": options.get("s_tmin", 0.0),
+            "s_tmax": float("inf") if s_tmax is None else s_tmax, "s_noise": options.get("s_noise", 1.0)}
 
 
 def repaint_schedule(T: int, jump: int, resample: int) -> list[int]:
