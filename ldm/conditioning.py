@@ -42,6 +42,8 @@ class Conditioner(nn.Module):
 
     #: the keys of the dict `encode` returns
     keys: tuple[str, ...] = ()
+    #: keys that dropout and guidance's null condition keep (a super-resolution stage's low-resolution input)
+    kept_keys: tuple[str, ...] = ()
 
     def encode(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> Cond:
         raise NotImplementedError
@@ -51,6 +53,12 @@ class Conditioner(nn.Module):
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def null_like(self, cond: Mapping[str, torch.Tensor]) -> Cond:
+        """The null condition for the rows of `cond`: `null`, with the kept keys copied from `cond`."""
+        n = next(iter(cond.values())).shape[0]
+        device = next(iter(cond.values())).device
+        return {**self.null(n, device), **{k: cond[k] for k in self.kept_keys}}
 
     @property
     def num_classes(self) -> int | None:
@@ -73,7 +81,7 @@ class Conditioner(nn.Module):
         device = next(iter(cond.values())).device
         gen_device = generator.device if generator is not None else device
         keep = draw_local(lambda m: torch.rand(m, generator=generator, device=gen_device), n, device).to(device) >= p
-        null = self.null(n, device)
+        null = self.null_like(cond)
         return {k: torch.where(keep.view(n, *[1] * (v.dim() - 1)), v, null[k].to(v.dtype)) for k, v in cond.items()}
 
     def from_user(self, value: Any, n: int, device: torch.device | str = "cpu") -> Cond:
@@ -285,14 +293,17 @@ class HFCaption(TokenizedCaption):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
+            from ldm.nn.hf_text import unavailable_hint
+
             try:
                 tokenizer = self.load_tokenizer()
             except (OSError, ValueError) as e:  # not on the hub, not cached offline, or a folder without its files
-                raise ValueError(f"cannot load the tokenizer {self.name!r} of {type(self).__name__}: {e}") from e
+                raise ValueError(f"cannot load the tokenizer {self.name!r} of {type(self).__name__}: {e}\n"
+                                 f"{unavailable_hint(self.name)}") from e
             if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # transformers 5 may build an empty one
                 raise ValueError(f"the tokenizer {self.name!r} of {type(self).__name__} has no vocabulary beyond its "
                                  "special tokens: its files (vocab.txt, tokenizer.json) were not found there or in "
-                                 "the Hugging Face cache")
+                                 f"the Hugging Face cache\n{unavailable_hint(self.name)}")
             if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
                 raise ValueError(f"the tokenizer {self.name!r} has {len(tokenizer)} tokens, more than the "
                                  f"vocab_size {self.vocab_size} its text encoder embeds: another tokenizer?")
@@ -358,6 +369,57 @@ class ConcatImage(Conditioner):
         return {self.out_key: image}
 
 
+class LowResImage(Conditioner):
+    """A super-resolution stage's input: the batch's image (B, C, H, W) shrunk to `size` x `size` (area
+    average), then brought back to H x W (bilinear) and concatenated to the network input, with its noise
+    level `aug_level` (0: clean; the stage's noise augmentation sets it). Both are kept by dropout and by the
+    null condition: guidance drops the class or text, never the image being upsampled. A user (the cascade)
+    passes the low-resolution images, (n, C, size, size)."""
+
+    kept_keys = ("concat", "aug_level")
+
+    def __init__(self, shape: Sequence[int], size: PositiveInt, key: str = "image"):
+        super().__init__()
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {list(shape)}")
+        self.shape, self.size, self.key = tuple(int(s) for s in shape), int(size), key
+        if self.size >= min(self.shape[1:]):
+            raise ValueError(f"size {self.size} must be below the stage's resolution {self.shape[1:]}")
+        self.keys, self.out_key = ("concat", "aug_level"), "concat"
+
+    def upsample(self, low: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(low, size=self.shape[1:], mode="bilinear", align_corners=False)
+
+    def encode(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> Cond:
+        image = torch.as_tensor(batch[self.key], device=device).float()
+        low = nn.functional.interpolate(image, size=(self.size, self.size), mode="area")
+        return {"concat": self.upsample(low), "aug_level": torch.zeros(image.shape[0], device=device)}
+
+    def null(self, n: int, device: torch.device | str = "cpu") -> Cond:
+        return {"concat": torch.zeros(n, *self.shape, device=device), "aug_level": torch.zeros(n, device=device)}
+
+    def describe(self) -> str:
+        return f"low-resolution images (n, {self.shape[0]}, {self.size}, {self.size}) in [-1, 1]"
+
+    def from_user(self, value: Any, n: int, device: torch.device | str = "cpu") -> Cond:
+        if isinstance(value, torch.Tensor):
+            return self.check({"concat": value, "aug_level": torch.zeros(n)}, n, device)
+        return super().from_user(value, n, device)
+
+    def check(self, cond: dict[str, Any], n: int, device: torch.device | str) -> Cond:
+        """`concat`: the low-resolution images, or this stage's upsampled ones (a copy of a checked cond)."""
+        low = torch.as_tensor(cond["concat"], device=device).float()
+        level = torch.as_tensor(cond["aug_level"], device=device).float().reshape(-1)
+        if level.numel() != n:
+            raise ValueError(f"aug_level must hold one noise level per sample ({n}), got {level.numel()}")
+        if tuple(low.shape) == (n, *self.shape):
+            return {"concat": low, "aug_level": level}
+        if tuple(low.shape) != (n, self.shape[0], self.size, self.size):
+            raise ValueError(f"this super-resolution stage takes {self.describe()} for {n} samples, got "
+                             f"{tuple(low.shape)}: the stage before it must output {self.size} x {self.size}")
+        return {"concat": self.upsample(low), "aug_level": level}
+
+
 class Combined(Conditioner):
     """Several conditioners at once (e.g. class + concatenated image); they are dropped together."""
 
@@ -372,6 +434,7 @@ class Combined(Conditioner):
         if len(set(keys)) != len(keys):
             raise ValueError(f"conditioners produce overlapping keys: {keys}")
         self.keys = tuple(keys)
+        self.kept_keys = tuple(k for part in self.parts.values() for k in part.kept_keys)
 
     @property
     def num_classes(self) -> int | None:

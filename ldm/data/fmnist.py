@@ -64,21 +64,25 @@ def locate(root: str | None, download: bool) -> Path:
 class FashionMNIST(Dataset):
     """Items `{"image": (1, size, size) in [-1, 1], "class_label": int}`.
 
-    Splits: `train` = the first 60000 - `val_size` official training images, `validation` = the
-    last `val_size` of them, `test` = the official 10000.
+    `low_res` area-averages the image down to that size at the end (a cascade's base stage, trained on what
+    `ldm.conditioning.LowResImage` makes of the full-size image). Splits: `train` = the first 60000 - `val_size`
+    official training images, `validation` = the last `val_size` of them, `test` = the official 10000.
     """
 
     class_names = CLASS_NAMES
 
     def __init__(self, split: Literal["train", "validation", "test"] = "train", size: PositiveInt = 32,
                  resize_mode: Literal["pad", "resize"] = "pad", root: str | None = None, download: bool = True,
-                 val_size: NonNegativeInt = 5000, flip: bool = False, limit: PositiveInt | None = None):
+                 val_size: NonNegativeInt = 5000, flip: bool = False, limit: PositiveInt | None = None,
+                 low_res: PositiveInt | None = None):
         if split not in ("train", "validation", "test"):
             raise ValueError(f"split must be train, validation or test; got {split!r}")
         if resize_mode not in ("pad", "resize"):
             raise ValueError(f"resize_mode must be 'pad' or 'resize'; got {resize_mode!r}")
         if resize_mode == "pad" and size < 28:
             raise ValueError(f"resize_mode 'pad' needs size >= 28, got {size}; use resize_mode: resize")
+        if low_res is not None and low_res >= size:
+            raise ValueError(f"low_res must be below size {size}, got {low_res}")
         self.root = locate(root, download)
         files = _FILES["test" if split == "test" else "train"]
         images = _read_idx(_find(self.root, files[0]))
@@ -90,7 +94,7 @@ class FashionMNIST(Dataset):
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         self.images, self.labels = images, labels
-        self.split, self.size, self.resize_mode, self.flip = split, size, resize_mode, flip
+        self.split, self.size, self.resize_mode, self.flip, self.low_res = split, size, resize_mode, flip, low_res
 
     def __len__(self) -> int:
         return len(self.images)
@@ -103,6 +107,8 @@ class FashionMNIST(Dataset):
                 x = F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-1.0)
             else:
                 x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+        if self.low_res is not None:  # a cascade's base sees what a super-resolution stage's input is made from
+            x = F.interpolate(x[None], size=(self.low_res, self.low_res), mode="area")[0]
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return {"image": x, "class_label": int(self.labels[i])}

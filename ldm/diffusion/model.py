@@ -123,10 +123,10 @@ class LatentDiffusionPrior(LatentPrior):
         for key, value in self.process.buffers.items():  # latent-diffusion's top-level schedule buffers
             self.register_buffer(key, value.clone())
         keys = set(self.conditioner.keys)
-        unknown = keys - {"class_label", "context", "context_mask", "concat"}
+        unknown = keys - {"class_label", "context", "context_mask", "concat", "aug_level"}
         if unknown:
-            raise ValueError(f"the UNet takes class_label, context (+ context_mask) and concat; the conditioner "
-                             f"gives {sorted(unknown)} too")
+            raise ValueError(f"the UNet takes class_label, context (+ context_mask), concat and aug_level; the "
+                             f"conditioner gives {sorted(unknown)} too")
         c = self.latent_shape[0]
         net_kw: dict[str, Any] = {}
         params = dict(unet_config.get("params") or {})
@@ -213,7 +213,9 @@ class LatentDiffusionPrior(LatentPrior):
             context = cond.get("context")
             if context is not None and not context.is_floating_point():
                 raise ValueError("text given as token ids needs a text encoder: set cond_stage_config")
-            return net(x, t, context=context, y=cond.get("class_label"), context_mask=cond.get("context_mask"))
+            extra = {"aug_level": cond["aug_level"]} if "aug_level" in cond else {}
+            return net(x, t, context=context, y=cond.get("class_label"), context_mask=cond.get("context_mask"),
+                       **extra)
 
         return call
 
@@ -238,7 +240,7 @@ class LatentDiffusionPrior(LatentPrior):
         if guidance_scale != 1.0 and cond and self.cond_drop_prob == 0:
             raise ValueError("guidance_scale needs a prior trained with conditioning dropout (cond_drop_prob > 0); "
                              "this one was trained with 0, so it has no unconditional model")
-        return samplers.guided(self.denoiser(ema), cond or None, self.null_cond(n) if cond else None,
+        return samplers.guided(self.denoiser(ema), cond or None, self.conditioner.null_like(cond) if cond else None,
                                guidance_scale, guidance_rescale)
 
     def x0_transform(self, options: Mapping[str, Any]):
@@ -386,7 +388,8 @@ class LatentDiffusionPrior(LatentPrior):
     def sampling_forward(self, n: int, cond: Any = None, guidance_scale: float = 1.0, use_ema: bool = True, **_: Any):
         """One bare UNet forward on the inputs a sampling step feeds it (the doubled batch under guidance)."""
         c = self.user_cond(cond, n)
-        model = samplers.guided(self.denoiser(use_ema), c or None, self.null_cond(n) if c else None, guidance_scale)
+        model = samplers.guided(self.denoiser(use_ema), c or None, self.conditioner.null_like(c) if c else None,
+                                guidance_scale)
         x = self._noise(n, torch.Generator(device=self.device).manual_seed(0))
         t = torch.full((n,), self.process.num_timesteps // 2, device=self.device, dtype=torch.long)
         if self.edm is not None:  # the UNet's time input is c_noise(σ), here at σ = σ_data

@@ -9,6 +9,12 @@ either the self-attention block (`legacy` head split: heads taken before q/k/v) 
 `num_classes` adds a class embedding to the timestep embedding, `aug_level_conditioning` an embedding of the
 noise level of a super-resolution stage's augmented low-resolution input (Imagen's cascades). Norms are GroupNorm(32) computed in float32,
 as the original.
+
+Imagen's Efficient U-Net (Saharia et al. 2022, Appendix B.1), each option off by default so the original layout and
+parameter names stay: `num_res_blocks` per level (more blocks at low resolution), `scale_skip_connection` (skips
+times 1/sqrt(2)), `efficient_updown` (its DBlock/UBlock order: every level down-samples before its convolutions and
+up-samples after them, so they run at half the resolution) and `pooled_context` (the masked mean of the text tokens
+added to the timestep embedding, as Imagen's pooled T5 embedding).
 """
 
 from __future__ import annotations
@@ -30,6 +36,29 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def level_blocks(num_res_blocks: int | Sequence[int], levels: int) -> tuple[int, ...]:
+    """Residual blocks per level: one number for all, or one per `channel_mult` entry (Imagen's Efficient U-Net
+    puts more at low resolution)."""
+    if isinstance(num_res_blocks, int):
+        blocks: tuple[int, ...] = (num_res_blocks,) * levels
+    else:
+        blocks = tuple(num_res_blocks)
+        if len(blocks) != levels:
+            raise ValueError(f"num_res_blocks has {len(blocks)} entries {list(blocks)} but channel_mult has {levels} "
+                             f"levels: give one block count per level, or one number for all")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in blocks):
+        raise ValueError(f"num_res_blocks must be integers >= 1, got {num_res_blocks!r}")
+    return blocks
+
+
+def masked_mean(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, D), (B, L) bool -> (B, D): the mean over the tokens; zeros for a row with none (the null text)."""
+    if mask is None:
+        return context.mean(1)
+    weight = mask.to(context.dtype)[..., None]  # (B, L, 1)
+    return (context * weight).sum(1) / weight.sum(1).clamp(min=1.0)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -258,7 +287,7 @@ class UNetModel(nn.Module):
         in_channels: PositiveInt,
         model_channels: PositiveInt,
         out_channels: PositiveInt,
-        num_res_blocks: PositiveInt,
+        num_res_blocks: PositiveInt | Sequence[PositiveInt],
         attention_resolutions: Sequence[int],
         dropout: Fraction = 0.0,
         channel_mult: Sequence[int] = (1, 2, 4, 8),
@@ -279,6 +308,9 @@ class UNetModel(nn.Module):
         n_embed: int | None = None,
         legacy: bool = True,
         aug_level_conditioning: bool = False,
+        scale_skip_connection: bool = False,
+        efficient_updown: bool = False,
+        pooled_context: bool = False,
     ):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -287,6 +319,9 @@ class UNetModel(nn.Module):
             raise ValueError("give num_heads or num_head_channels")
         if n_embed is not None:
             raise ValueError("n_embed (predicting codebook ids) is not supported")
+        if pooled_context and context_dim is None:
+            raise ValueError("pooled_context needs context_dim (the width of the text tokens it averages)")
+        blocks = level_blocks(num_res_blocks, len(channel_mult))
         num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.num_classes, self.context_dim = num_classes, context_dim
@@ -298,6 +333,10 @@ class UNetModel(nn.Module):
         self.aug_level_conditioning = aug_level_conditioning
         if aug_level_conditioning:  # the noise level of a super-resolution stage's augmented input (Imagen)
             self.aug_level_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.pooled_context = pooled_context
+        if pooled_context:  # Imagen adds its pooled T5 embedding to the timestep embedding
+            self.pooled_context_embed = nn.Linear(context_dim, ted)
+        self.skip_scale = 2 ** -0.5 if scale_skip_connection else 1.0  # Imagen: faster convergence
 
         def attention(ch: int, heads_default: int) -> nn.Module:
             if num_head_channels == -1:
@@ -311,10 +350,20 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, num_heads=heads, num_head_channels=dim_head,
                                   use_new_attention_order=use_new_attention_order)
 
+        def resample(ch: int, up: bool) -> nn.Module:
+            if resblock_updown:
+                return ResBlock(ch, ted, dropout, ch, dims=dims, use_scale_shift_norm=use_scale_shift_norm, up=up,
+                                down=not up)
+            return (Upsample if up else Downsample)(ch, conv_resample, dims, ch)
+
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
         chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+            if efficient_updown:  # Imagen's DBlock: down-sample first, so the level's convolutions cost a quarter
+                self.input_blocks.append(TimestepEmbedSequential(resample(ch, up=False)))
+                chans.append(ch)
+                ds *= 2
+            for _ in range(blocks[level]):
                 layers: list[nn.Module] = [ResBlock(ch, ted, dropout, mult * model_channels, dims=dims,
                                                     use_scale_shift_norm=use_scale_shift_norm)]
                 ch = mult * model_channels
@@ -322,10 +371,8 @@ class UNetModel(nn.Module):
                     layers.append(attention(ch, num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = ResBlock(ch, ted, dropout, ch, dims=dims, use_scale_shift_norm=use_scale_shift_norm, down=True) \
-                    if resblock_updown else Downsample(ch, conv_resample, dims, ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
+            if not efficient_updown and level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(resample(ch, up=False)))
                 chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
@@ -334,17 +381,21 @@ class UNetModel(nn.Module):
             ResBlock(ch, ted, dropout, dims=dims, use_scale_shift_norm=use_scale_shift_norm))
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
+            for i in range(blocks[level] + 1):
                 layers = [ResBlock(ch + chans.pop(), ted, dropout, model_channels * mult, dims=dims,
                                    use_scale_shift_norm=use_scale_shift_norm)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
                     layers.append(attention(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    layers.append(ResBlock(ch, ted, dropout, ch, dims=dims, use_scale_shift_norm=use_scale_shift_norm,
-                                           up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
+                if (level or efficient_updown) and i == blocks[level]:  # (Imagen's UBlock up-samples its last level too)
+                    layers.append(resample(ch, up=True))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
+        if efficient_updown:  # the input convolution's features, at full resolution, are the last skip
+            self.output_blocks.append(TimestepEmbedSequential(
+                ResBlock(ch + chans.pop(), ted, dropout, model_channels, dims=dims, use_scale_shift_norm=use_scale_shift_norm)))
+            ch = model_channels
+        assert not chans, "every skip connection is consumed"
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), conv_nd(dims, model_channels, out_channels, 3, padding=1))
         for module in (self.out[-1], *(m.out_layers[-1] for m in self.modules() if isinstance(m, ResBlock)),
                        *(m.proj_out for m in self.modules() if isinstance(m, (AttentionBlock, SpatialTransformer)))):
@@ -362,13 +413,20 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
+        if self.pooled_context:
+            if context is None:
+                raise ValueError("a UNet with pooled_context needs context (the text tokens)")
+            emb = emb + self.pooled_context_embed(masked_mean(context, context_mask).to(x.dtype))
         if aug_level is not None:
-            emb = emb + self.aug_level_embed(timestep_embedding(aug_level, self.model_channels).to(x.dtype))
+            # levels in [0, 1] embedded on the scale of the timesteps (0..1000)
+            emb = emb + self.aug_level_embed(timestep_embedding(aug_level * 1000, self.model_channels).to(x.dtype))
         hs, h = [], x
         for module in self.input_blocks:
             h = module(h, emb, context, context_mask)
             hs.append(h)
         h = self.middle_block(h, emb, context, context_mask)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], 1), emb, context, context_mask)
+            skip = hs.pop()
+            skip = skip * self.skip_scale if self.skip_scale != 1.0 else skip
+            h = module(torch.cat([h, skip], 1), emb, context, context_mask)
         return self.out(h)

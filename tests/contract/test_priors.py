@@ -22,7 +22,7 @@ from ldm.util import instantiate_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "test"
 PRIOR_CONFIGS = ["absorbing.yaml", "sundae.yaml", "imagebart.yaml", "ldm.yaml", "ldm_text.yaml", "ldm_pixel.yaml",
-                 "ldm_edm.yaml"]
+                 "ldm_sr.yaml", "ldm_edm.yaml"]
 
 
 def build(name: str, seed: int = 0):
