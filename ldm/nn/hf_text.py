@@ -13,6 +13,7 @@ shares them instead of duplicating an encoder that never changes (see `__deepcop
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Literal
 
 import torch
@@ -22,6 +23,36 @@ from ldm.util import PositiveInt
 
 KINDS = ("t5", "clip")
 DTYPES = ("float32", "bfloat16", "float16")
+#: the text conditioning that needs no download (UTF-8 bytes and a small encoder trained with the prior)
+OFFLINE_ALTERNATIVE = ("the byte-level text encoder: cond_stage_config target ldm.nn.text.ByteTextEncoder with "
+                       "conditioner_config target ldm.conditioning.Caption (as configs/test/ldm_text.yaml)")
+
+
+#: google/t5-v1_1-* encoders (Imagen's T5-XXL is the last): d_model, d_ff, heads, layers of their hub config.json
+T5_V1_1 = {"small": (512, 1024, 6, 8), "base": (768, 2048, 12, 12), "large": (1024, 2816, 16, 24),
+           "xl": (2048, 5120, 32, 24), "xxl": (4096, 10240, 64, 24)}
+
+
+def meta_config(config_class: Any, name: str) -> Any:
+    """The encoder's configuration for a meta-device build, where `from_pretrained` refuses to run: the folder's
+    config.json, or for a google/t5-v1_1-* name its known shape, so Imagen's configs are checked and counted
+    offline; other hub names need the network or the cache."""
+    size = name.removeprefix("google/t5-v1_1-")
+    if not os.path.isdir(name) and name.startswith("google/t5-v1_1-") and size in T5_V1_1:
+        d_model, d_ff, heads, layers = T5_V1_1[size]
+        return config_class(vocab_size=32128, d_model=d_model, d_kv=64, d_ff=d_ff, num_heads=heads,
+                            num_layers=layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    return config_class.from_pretrained(name)
+
+
+def unavailable_hint(name: str) -> str:
+    """What to do when `name` does not load: a hub name (google/t5-v1_1-xxl) needs the network or the Hugging Face
+    cache, which machines without either lack; a local directory only needs its files."""
+    if os.path.isdir(name):
+        return f"the folder {name!r} must hold a save_pretrained copy (config, weights, tokenizer files)"
+    return (f"{name!r} is no folder here, so a hub name: it is not in the Hugging Face cache and the hub cannot be "
+            f"reached (offline, or HF_HUB_OFFLINE=1) or has no such model; download it where there is a network and "
+            f"pass its folder as name, or, offline, use {OFFLINE_ALTERNATIVE}")
 
 
 class FrozenHFTextEncoder(nn.Module):
@@ -45,10 +76,13 @@ class FrozenHFTextEncoder(nn.Module):
         else:
             from transformers import CLIPTextModel as model_class
         try:
-            encoder = model_class.from_pretrained(name)
+            if torch.empty(0).device.type == "meta":  # a config check or parameter count: no weights to load
+                encoder = model_class(meta_config(model_class.config_class, str(name)))
+            else:
+                encoder = model_class.from_pretrained(name)
         except OSError as e:  # not on the hub, not cached offline, or a folder without the model's files
             raise ValueError(f"name: cannot load the {kind} text encoder {name!r} ({model_class.__name__}."
-                             f"from_pretrained): {e}") from e
+                             f"from_pretrained): {e}\n{unavailable_hint(str(name))}") from e
         encoder.to(getattr(torch, dtype)).eval().requires_grad_(False)
         config = encoder.config
         if kind == "clip" and max_length > config.max_position_embeddings:
