@@ -114,8 +114,8 @@ class SuperResolutionPrior(LatentDiffusionPrior):
                                        callback, **kw)
 
 
-STAGE_OPTIONS = ("sampler", "steps", "eta", "s_churn", "guidance_scale", "guidance_rescale", "clip_x0",
-                 "dynamic_threshold", "aug_level")
+STAGE_OPTIONS = ("sampler", "steps", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "guidance_scale",
+                 "guidance_rescale", "clip_x0", "dynamic_threshold", "aug_level")
 
 
 class CascadePrior(LatentPrior):
