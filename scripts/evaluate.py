@@ -34,7 +34,7 @@ from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, needs, output_path, run  # noqa: E402
 from ldm.data.skipped import collate_good  # noqa: E402
 from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, classifier_outputs, load_classifier  # noqa: E402
-from ldm.metrics.eval_data import image_split  # noqa: E402
+from ldm.metrics.eval_data import class_prompts, image_split  # noqa: E402
 from ldm.metrics.frechet import feature_statistics  # noqa: E402
 from ldm.metrics.prior_eval import dataset_images, elbo_bits, generate, sample_scores, sweep  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=2))
     if args.num_samples:
         result.update(eval_split=args.eval_split, reference_images=source)
+        # a text prior trained on captions made from labels is given each class's caption and scored per class
+        prompts = None if prior.num_classes else class_prompts(config, args.eval_split)
+        num_classes = len(prompts) if prompts else prior.num_classes
+        if prompts:
+            result["class_prompts"] = prompts
         ref_stats = feature_statistics(classifier_outputs(classifier, dataset_images(reference, args.test_limit))[0])
         with prior_precision():
             images, labels = reconstruct(prior, reference, args.num_samples)
@@ -158,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings:
             t0, taken = time.time(), []
             with prior_precision():
-                images, labels = generate(prior, args.num_samples, prior.num_classes, args.batch_size, args.seed,
-                                          steps_taken=taken, **setting)
+                images, labels = generate(prior, args.num_samples, num_classes, args.batch_size, args.seed,
+                                          steps_taken=taken, class_conds=prompts, **setting)
             row = {**setting, **sample_scores(images, labels, classifier, ref_stats),
                    "seconds": round(time.time() - t0, 1)}
             if taken:  # a sampler that stops early (SUNDAE): the network calls samples actually took

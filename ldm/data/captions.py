@@ -14,20 +14,32 @@ CLASS_NAMES = {"fmnist": ("T-shirt/top", "trouser", "pullover", "dress", "coat",
                           "ankle boot")}
 
 
+def _names(class_names: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(class_names, str):
+        if class_names not in CLASS_NAMES:
+            raise ValueError(f"class_names: no built-in names for {class_names!r}; give a list or one of "
+                             f"{sorted(CLASS_NAMES)}")
+        return CLASS_NAMES[class_names]
+    return tuple(class_names)
+
+
 class ClassCaptions(Dataset):
     """Items of `dataset` (a config) with `caption` = `template` filled with the class's name."""
+
+    wrapped_dataset_param = "dataset"  # where the evaluation finds the images behind the captions
 
     def __init__(self, dataset: Mapping[str, Any], template: str = "a photo of a {}",
                  class_names: str | Sequence[str] = "fmnist"):
         self.dataset = instantiate_from_config(dataset, key="dataset")
-        if isinstance(class_names, str):
-            if class_names not in CLASS_NAMES:
-                raise ValueError(f"class_names: no built-in names for {class_names!r}; give a list or one of "
-                                 f"{sorted(CLASS_NAMES)}")
-            class_names = CLASS_NAMES[class_names]
         if "{}" not in template:
             raise ValueError(f"template must hold {{}} for the class name, got {template!r}")
-        self.template, self.class_names = template, tuple(class_names)
+        self.template, self.class_names = template, _names(class_names)
+
+    @staticmethod
+    def prompts_from_config(dataset: Any = None, template: str = "a photo of a {}",
+                            class_names: str | Sequence[str] = "fmnist") -> list[str]:
+        """The caption of each class, in class order, from this data set's config (no data read)."""
+        return [template.format(name) for name in _names(class_names)]
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -27,6 +27,10 @@ def image_split_config(config: Mapping[str, Any], split: str = "test") -> tuple[
         raise ValueError(f"the stored config has no data.params.{split}; choose a split it has "
                          f"({', '.join(((config.get('data') or {}).get('params') or {}).keys()) or 'none'})")
     cls = get_obj_from_str(data_cfg["target"], key=f"data.params.{split}.target")
+    wrapped = getattr(cls, "wrapped_dataset_param", None)
+    if wrapped:  # captions made from labels around a data set: the images are that data set's
+        inner = {**config, "data": {"params": {split: (data_cfg.get("params") or {})[wrapped]}}}
+        return image_split_config(inner, split)
     source_of = getattr(cls, "image_dataset_config", None)
     if source_of is None:  # an image data set itself
         return dict(data_cfg), f"data.params.{split}"
@@ -58,3 +62,12 @@ def image_split(config: Mapping[str, Any], split: str = "test") -> tuple[Dataset
     if len(dataset) == 0 or (not is_skipped(first := dataset[0]) and "image" not in first):
         raise ValueError(f"{source} gives no images (items need an 'image' entry)")
     return dataset, source
+
+
+def class_prompts(config: Mapping[str, Any], split: str = "test") -> list[str] | None:
+    """The caption of each class when `data.params.<split>` makes captions from class labels
+    (`ldm.data.captions.ClassCaptions`), so a text-conditioned prior is scored per class; else None."""
+    data_cfg = _split_config(config, split) or {}
+    cls = get_obj_from_str(data_cfg["target"], key=f"data.params.{split}.target") if "target" in data_cfg else None
+    prompts = getattr(cls, "prompts_from_config", None)
+    return prompts(**dict(data_cfg.get("params") or {})) if prompts else None

@@ -18,8 +18,9 @@ from ldm.metrics.frechet import feature_statistics, frechet_distance
 @torch.no_grad()
 def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100, seed: int = 0,
              progress: bool = True, steps_taken: list[torch.Tensor] | None = None,
-             **sampler_kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+             class_conds: Sequence[Any] | None = None, **sampler_kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`n` samples (float32, on the CPU; classes in turn when conditional) and their labels, seeded per batch.
+    `class_conds` is what the prior is given for each class instead of its id (a text prior's caption).
 
     Only prior calls happen here, so a caller may wrap it in autocast. A sampler that stops samples early
     reports each sample's network calls in its callback's `steps_taken`; given a list, they are added to it."""
@@ -29,10 +30,11 @@ def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100,
     for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress):
         b = min(batch_size, n - start)
         cond = torch.arange(start, start + b) % num_classes if num_classes else None
+        given = cond if class_conds is None or cond is None else [class_conds[int(c)] for c in cond]
         g = torch.Generator(device=prior.device).manual_seed(seed + start)
         last.clear()
         extra = {"callback": callback} if callback is not None else {}
-        images.append(prior.sample(b, cond=cond, generator=g, **extra, **sampler_kw).float().cpu())
+        images.append(prior.sample(b, cond=given, generator=g, **extra, **sampler_kw).float().cpu())
         if steps_taken is not None and "steps_taken" in last:
             steps_taken.append(last["steps_taken"].cpu())
         if cond is not None:
