@@ -11,7 +11,8 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
 Both timings come from one run, interleaved, so the ratio holds on any machine: where one bare forward
 stands for one sampling step, one is timed after every step (in the sampler's callback) and each step is
 paired with it, on as many rows as the step ran the network on (a sampler that skips rows, absorbing's
-unchanged ones or SUNDAE's stopped samples, reports `evaluated` to its callback); the median of the per-step
+unchanged ones or SUNDAE's stopped samples, reports `evaluated` to its callback) and, in a cascade, on the
+network of the stage the step belongs to (the callback's `stage`); the median of the per-step
 ratios and its quartiles are reported. A step's time is what the sampler spent between two callbacks.
 `--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
 and total depth at those sequence lengths (square token maps): forward + backward time, the activations
@@ -206,18 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     n = args.batch
     cond = (torch.arange(n) % prior.num_classes).to(prior.device) if prior.num_classes else None
     # both sides run the networks sampling uses (the EMA copies; nothing is swapped)
-    forward = prior.sampling_forward(n, cond, guidance_scale=args.guidance)
+    forward_options = {"guidance_scale": args.guidance, **options}  # a cascade's per-stage settings among them
+    forward = prior.sampling_forward(n, cond, **forward_options)
     sampler_cond = prior.user_cond(cond, n)
 
     per_call = getattr(forward, "steps_per_call", 1)  # a forward that stands for several sampling steps
     paired = per_call == 1  # a bare forward between every two sampling steps: pairs a few tenths of a second apart
-    forwards = {n: forward}  # by batch size: a step that runs the network on fewer rows is paired with as many
+    forwards = {(n, None): forward}  # by batch size and cascade stage: a step is paired with its own network's
+    # forward, on as many rows as it ran
 
-    def forward_on(rows: int):
-        if rows not in forwards:
-            forwards[rows] = prior.sampling_forward(rows, None if cond is None else cond[:rows],
-                                                    guidance_scale=args.guidance)
-        return forwards[rows]
+    def forward_on(rows: int, stage: int | None):
+        if (rows, stage) not in forwards:
+            where = {} if stage is None else {"stage": stage}
+            forwards[rows, stage] = prior.sampling_forward(rows, None if cond is None else cond[:rows],
+                                                           **forward_options, **where)
+        return forwards[rows, stage]
 
     clock = [0.0]
     paired_forward_s: list[float] = []  # the bare forward's time after each sampling step (0 when not paired)
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     def after_step(info) -> None:
         step_times.append(time.perf_counter() - clock[0])
         rows = int(info.get("evaluated", n))  # samplers that skip rows say how many the network ran on
-        paired_forward_s.append(timed(forward_on(rows), 1) if paired and rows else 0.0)
+        paired_forward_s.append(timed(forward_on(rows, info.get("stage")), 1) if paired and rows else 0.0)
         clock[0] = time.perf_counter()
 
     def sampling():

@@ -143,3 +143,23 @@ def test_a_stage_whose_input_is_not_the_base_output_is_refused(tmp_path):
         "stages": [{"checkpoint": sr}, {"checkpoint": base}]}}}))
     with pytest.raises(CheckpointError, match=r"stage 1 \(.*base.ckpt\) is not a super-resolution stage"):
         instantiate_from_checkpoint(path)
+
+
+def test_benchmark_pairs_each_cascade_step_with_its_own_stage_network(cascade_config, capsys, monkeypatch):
+    import json
+
+    from tests.test_scripts import load
+
+    benchmark = load("benchmark")
+    calls = []
+    original = type(instantiate_from_checkpoint(cascade_config)[0]).sampling_forward
+
+    def spy(self, n, cond=None, stage=0, **kw):
+        calls.append((n, stage))
+        return original(self, n, cond, stage=stage, **kw)
+
+    monkeypatch.setattr("ldm.diffusion.cascade.CascadePrior.sampling_forward", spy)
+    assert benchmark.main(["-r", str(cascade_config), "--batch", "2", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps_run"] == 4 and result["paired_per_step"]  # two steps of each stage
+    assert sorted(set(calls)) == [(2, 0), (2, 1)]
