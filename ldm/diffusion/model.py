@@ -354,10 +354,13 @@ class LatentDiffusionPrior(LatentPrior):
     # --- likelihood ---------------------------------------------------------------------------
     @torch.no_grad()
     def nll_latents(self, latents: torch.Tensor, cond: Cond, ema: bool = True, generator: torch.Generator | None = None,
-                    timesteps: Sequence[int] | None = None, **_: Any) -> torch.Tensor:
+                    timesteps: Sequence[int] | None = None, strata: int | None = None, **_: Any) -> torch.Tensor:
         """The variational bound on -log p(z) in bits per latent dimension (improved-diffusion's `calc_bpd_loop`):
         KL(q(z_T | z) || N(0, I)) + the KL of every reverse step + the decoder term at t = 0, a Gaussian
-        log-density with the posterior's smallest variance (the latents are continuous, not 8-bit pixels)."""
+        log-density with the posterior's smallest variance (the latents are continuous, not 8-bit pixels).
+        `strata` estimates the sum over t = 1..T-1 without bias from one t drawn in each of that many equal
+        bins, weighted by the bin's width (t = 0 is always computed); `timesteps` takes those steps, each
+        weighted T / len(timesteps)."""
         if self.edm is not None:
             raise NotImplementedError("the variational bound needs the discrete chain: an elucidated (EDM) prior "
                                       "has no nll")
@@ -368,10 +371,16 @@ class LatentDiffusionPrior(LatentPrior):
         ac_T = extract(p.alphas_cumprod, torch.full((latents.shape[0],), T - 1, device=latents.device), latents.shape)
         mean_T, var_T = ac_T.sqrt() * latents, 1 - ac_T
         total = normal_kl(mean_T, var_T.log(), torch.zeros_like(latents), torch.zeros_like(latents)).flatten(1).sum(1)
-        steps = range(T) if timesteps is None else timesteps
-        for step in steps:
+        gen_device = generator.device if generator is not None else latents.device
+        if strata is not None:
+            weighted = [(0, 1.0)] + [(int(torch.randint(lo, hi, (), generator=generator, device=gen_device)), hi - lo)
+                                     for lo, hi in stratum_bounds(1, T, strata)]
+        elif timesteps is not None:
+            weighted = [(int(step), T / len(timesteps)) for step in timesteps]
+        else:
+            weighted = [(step, 1.0) for step in range(T)]
+        for step, weight in weighted:
             t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
-            gen_device = generator.device if generator is not None else latents.device
             noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(latents.device)
             x_t = p.q_sample(latents, t, noise)
             x0_pred = p.predict_x0(x_t, t, model(x_t, t))
@@ -381,7 +390,6 @@ class LatentDiffusionPrior(LatentPrior):
             else:
                 mean_true, _, logvar_true = p.q_posterior(latents, x_t, t)
                 term = normal_kl(mean_true, logvar_true, mean_pred, logvar)
-            weight = T / len(steps) if timesteps is not None else 1.0
             total = total + weight * term.flatten(1).sum(1)
         return total / (dims * math.log(2.0))
 
@@ -455,6 +463,14 @@ def churn_options(options: Mapping[str, Any]) -> dict[str, float]:
     s_tmax = options.get("s_tmax")
     return {"s_churn": options.get("s_churn", 0.0), "s_tmin": options.get("s_tmin", 0.0),
             "s_tmax": float("inf") if s_tmax is None else s_tmax, "s_noise": options.get("s_noise", 1.0)}
+
+
+def stratum_bounds(start: int, stop: int, strata: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into `strata` bins of (nearly) equal integer width, as (lo, hi) pairs."""
+    if not 1 <= strata <= stop - start:
+        raise ValueError(f"strata must be in 1..{stop - start}, got {strata}")
+    edges = [start + round(k * (stop - start) / strata) for k in range(strata + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def repaint_schedule(T: int, jump: int, resample: int) -> list[int]:

@@ -103,6 +103,24 @@ def test_nll_is_a_bound_in_bits_per_dimension():
     assert bits.shape == (2,) and torch.isfinite(bits).all()
 
 
+def test_stratified_bound_is_unbiased():
+    from ldm.diffusion.model import stratum_bounds
+
+    assert stratum_bounds(1, 10, 3) == [(1, 4), (4, 7), (7, 10)]
+    with pytest.raises(ValueError, match=r"strata must be in 1..9, got 10"):
+        stratum_bounds(1, 10, 10)
+    model = build(**{"model.params.timesteps": 12}).eval()
+    batch = {"image": torch.rand(4, 1, 32, 32) * 2 - 1, "class_label": torch.tensor([1, 2, 3, 4])}
+    full, strat = [], []
+    for seed in range(40):
+        full.append(model.nll(batch, generator=torch.Generator().manual_seed(seed)).mean())
+        strat.append(model.nll(batch, generator=torch.Generator().manual_seed(1000 + seed), strata=3).mean())
+    full, strat = torch.stack(full), torch.stack(strat)
+    se = (full.var() / len(full) + strat.var() / len(strat)).sqrt()
+    assert abs(float(full.mean() - strat.mean())) < 4 * float(se)
+    assert strat.std() > full.std()  # fewer timesteps: the same bound, noisier
+
+
 def test_bad_input_is_refused():
     model = build(**{"model.params.cond_drop_prob": 0.0}).eval()
     with pytest.raises(ValueError, match=r"guidance_scale needs a prior trained with conditioning dropout "
