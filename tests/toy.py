@@ -85,3 +85,29 @@ def build_from_config(path, **overrides):
         OmegaConf.update(cfg, k, v)
     torch.manual_seed(0)
     return instantiate_from_config(cfg.model, key="model")
+
+
+def import_k_diffusion(module: str, monkeypatch=None):
+    """k-diffusion's `sampling`, `external` or `layers` module without running its package `__init__`, which
+    imports its training stack (and, through dctorch, pins numpy < 2); it is installed without its dependencies
+    (`make setup`). `layers` imports dctorch for its DCT loss weighting, which the tests do not use: with
+    `monkeypatch`, a stand-in module takes its place."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    import pytest
+
+    if "k_diffusion" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None:
+            pytest.skip("k-diffusion is not installed")
+        package = types.ModuleType("k_diffusion")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["k_diffusion"] = package
+    if monkeypatch is not None and "dctorch" not in sys.modules and importlib.util.find_spec("dctorch") is None:
+        stub = types.ModuleType("dctorch")
+        stub.functional = types.ModuleType("dctorch.functional")
+        monkeypatch.setitem(sys.modules, "dctorch", stub)
+    return importlib.import_module(f"k_diffusion.{module}")

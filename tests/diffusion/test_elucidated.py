@@ -4,11 +4,7 @@ and samplers against k-diffusion on the same network and noise, the log-normal Ï
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,27 +13,14 @@ import torch
 from ldm.diffusion import sampling as samplers
 from ldm.diffusion.elucidated import Elucidated, ddim, dpm_solver_pp_2m
 from ldm.util import ConfigError
-from tests.toy import build_from_config
+from tests.toy import build_from_config, import_k_diffusion
 
 CFG = Path(__file__).resolve().parents[2] / "configs" / "test" / "ldm_edm.yaml"
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32, the same operations in another order
 
 
 def k_diffusion(module: str, monkeypatch: pytest.MonkeyPatch):
-    """k-diffusion's `layers` or `sampling` without its package `__init__` (its training stack); `layers` imports
-    dctorch for its DCT loss weighting (scales > 1), which these tests do not use: a stand-in module is enough."""
-    if "k_diffusion" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion")
-        if spec is None:
-            pytest.skip("k-diffusion is not installed")
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = package
-    if "dctorch" not in sys.modules and importlib.util.find_spec("dctorch") is None:
-        stub = types.ModuleType("dctorch")
-        stub.functional = types.ModuleType("dctorch.functional")
-        monkeypatch.setitem(sys.modules, "dctorch", stub)
-    return importlib.import_module(f"k_diffusion.{module}")
+    return import_k_diffusion(module, monkeypatch)
 
 
 class Net(torch.nn.Module):

@@ -22,27 +22,13 @@ from ldm.diffusion.sampling import (
     karras_sigmas,
     plms,
 )
+from tests.toy import import_k_diffusion
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def k_diffusion(module: str):
-    """k-diffusion's `sampling` or `external` module without running its package `__init__`, which imports its
-    training stack (and, through dctorch, pins numpy < 2): the sampler modules need only torch, scipy and
-    torchsde. k-diffusion is installed without its dependencies for this (`make setup`)."""
-    import importlib
-    import importlib.util
-    import sys
-    import types
-
-    if "k_diffusion" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion")
-        if spec is None:
-            pytest.skip("k-diffusion is not installed")
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = package
-    return importlib.import_module(f"k_diffusion.{module}")
+    return import_k_diffusion(module)
 T = 1000
 # latent-diffusion's "linear" schedule is diffusers' "scaled_linear" (linspace of square roots, squared)
 LD = dict(beta_start=0.0015, beta_end=0.0155, beta_schedule="scaled_linear", num_train_timesteps=T)
