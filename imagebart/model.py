@@ -174,7 +174,7 @@ class ImageBARTPrior(LatentPrior):
         """A chain assembled from one checkpoint per scale (`checkpoints: [scale 1, ..., scale T]`, each trained
         with `single_scale`), as the original's sampling configs do: each scale runs its checkpoint's averaged
         network. The checkpoints must share the schedule, the vocabulary, the conditioning and the first stage."""
-        from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint
+        from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint, subclass_of
 
         unknown = set(params) - {"checkpoints"}
         paths = params.get("checkpoints")
@@ -182,11 +182,7 @@ class ImageBARTPrior(LatentPrior):
             raise CheckpointError(f"{source}: model.params takes checkpoints (a list, one per scale t = 1..T); got "
                                   f"{sorted(params)}")
 
-        def is_imagebart(found: type) -> None:
-            if not (isinstance(found, type) and issubclass(found, ImageBARTPrior)):
-                raise CheckpointError(f"{source}: a checkpoint is of {getattr(found, '__name__', found)}, not an "
-                                      "ImageBART scale")
-
+        is_imagebart = subclass_of(ImageBARTPrior, source, "an ImageBART scale")
         priors, configs = [], []
         for path in paths:
             prior, config = instantiate_from_checkpoint(path, check_class=is_imagebart)

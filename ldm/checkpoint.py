@@ -315,6 +315,15 @@ def instantiate_from_checkpoint(
     return model, config
 
 
+def subclass_of(base: type, source: str, what: str) -> Callable[[type], None]:
+    """A `check_class` for the checkpoints a sampling config assembles: each must hold a `base`."""
+    def check(found: type) -> None:
+        if not (isinstance(found, type) and issubclass(found, base)):
+            raise CheckpointError(f"{source}: a checkpoint is of {getattr(found, '__name__', found)}, not {what}")
+
+    return check
+
+
 def _from_sampling_config(path: str | os.PathLike, check_class: Callable[[type], None] | None
                           ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """`model: {target: <prior class>, params: {...}}` in a YAML file, built by the class's `from_sampling_config`

@@ -142,18 +142,14 @@ class CascadePrior(LatentPrior):
     @classmethod
     def from_sampling_config(cls, params: dict[str, Any], source: str) -> tuple[CascadePrior, dict[str, Any]]:
         """`stages: [{checkpoint: <path>, sample: {<sampler options>}}, ...]`, base first."""
-        from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint
+        from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint, subclass_of
 
         stages = params.get("stages")
         if set(params) - {"stages"} or not isinstance(stages, list) or len(stages) < 2:
             raise CheckpointError(f"{source}: model.params takes stages (a list, base first, at least two); got "
                                   f"{sorted(params)}")
 
-        def is_gaussian(found: type) -> None:
-            if not (isinstance(found, type) and issubclass(found, LatentDiffusionPrior)):
-                raise CheckpointError(f"{source}: a stage checkpoint is of {getattr(found, '__name__', found)}, not a "
-                                      "Gaussian diffusion prior")
-
+        is_gaussian = subclass_of(LatentDiffusionPrior, source, "a Gaussian diffusion prior")
         priors, settings = [], []
         for i, stage in enumerate(stages):
             if not isinstance(stage, dict) or set(stage) - {"checkpoint", "sample"} or "checkpoint" not in stage:
