@@ -141,7 +141,8 @@ class CascadePrior(LatentPrior):
 
     @classmethod
     def from_sampling_config(cls, params: dict[str, Any], source: str) -> tuple[CascadePrior, dict[str, Any]]:
-        """`stages: [{checkpoint: <path>, sample: {<sampler options>}}, ...]`, base first."""
+        """`stages: [{checkpoint: <path>, sample: {<sampler options>}}, ...]`, base first; the config returned
+        carries the last stage's data config (the evaluation's reference images)."""
         from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint, subclass_of
 
         stages = params.get("stages")
@@ -155,7 +156,7 @@ class CascadePrior(LatentPrior):
             if not isinstance(stage, dict) or set(stage) - {"checkpoint", "sample"} or "checkpoint" not in stage:
                 raise CheckpointError(f"{source}: stage {i} must be {{checkpoint: <path>, sample: {{...}}}}, got "
                                       f"{stage!r}")
-            prior, _ = instantiate_from_checkpoint(stage["checkpoint"], check_class=is_gaussian)
+            prior, stage_config = instantiate_from_checkpoint(stage["checkpoint"], check_class=is_gaussian)
             if i and not isinstance(prior, SuperResolutionPrior):
                 raise CheckpointError(f"{source}: stage {i} ({stage['checkpoint']}) is not a super-resolution stage")
             try:
@@ -167,7 +168,9 @@ class CascadePrior(LatentPrior):
             cascade = cls(priors, settings)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
-        return cascade.eval(), {"model": {"target": f"{cls.__module__}.{cls.__name__}", "params": params}}
+        # the last stage's data: the images the cascade's samples are scored against
+        return cascade.eval(), {"model": {"target": f"{cls.__module__}.{cls.__name__}", "params": params},
+                                "data": stage_config.get("data")}
 
     def compute_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None = None,
                      ema: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -104,7 +104,8 @@ def cascade_config(tmp_path_factory):
 
 
 def test_cascade_samples_base_then_super_resolution_with_per_stage_options(cascade_config):
-    cascade, _ = instantiate_from_checkpoint(cascade_config)
+    cascade, config = instantiate_from_checkpoint(cascade_config)
+    assert config["data"]["params"]["train"]["params"]["size"] == 32  # the last stage's data (the base: 16)
     steps = []
     kw = dict(cond=[1, 2], sr_guidance_scale=1.5, callback=lambda info: steps.append((info["stage"], info["i"])))
     a = cascade.sample(2, generator=torch.Generator().manual_seed(0), **kw)
