@@ -3,6 +3,8 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
 
     python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --batch 64 --steps 32
     python scripts/benchmark.py --config configs/absorbing/fmnist.yaml    # random weights, same shapes
+    python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --out outputs/bench/new.json \
+        --compare outputs/bench/old.json    # JSON + markdown; ratios against an earlier run
     python scripts/benchmark.py --config configs/sundae/ffhq256.yaml --cost-lengths 256,1024 --batch 4
     python scripts/benchmark.py --config configs/sundae/ffhq1024.yaml --one-step --batch 1  # builds and runs
     python scripts/benchmark.py --config configs/imagebart/fmnist.yaml --compare-cache --batch 8 \
@@ -34,7 +36,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import at_least, needs, run, sampler_kwargs  # noqa: E402
+from ldm.cli import at_least, needs, output_path, run, sampler_kwargs  # noqa: E402
 from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-step", action="store_true",
                    help="build the prior (random weights with --config) and run one training step and one "
                         "sampling step at --batch on random latents of its shape: time and peak memory")
+    p.add_argument("--out", default=None, help="write the result as JSON (and a markdown table beside it, .md)")
+    p.add_argument("--compare", default=None, metavar="OLD.json",
+                   help="an earlier --out of this script: print this run's figures over its")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config, e.g. "
                                                 "model.params.latent_shape=[16,16]")
     return p
@@ -166,6 +171,13 @@ def cache_comparison(prior, args: argparse.Namespace, options: dict) -> int:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out:
+        output_path(args.out, (".json",))
+    if args.compare:
+        try:
+            json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--compare: cannot read {args.compare} as an earlier benchmark result ({e})") from None
     for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
         at_least(flag, value)
     if args.steps is not None:
@@ -258,8 +270,45 @@ def main(argv: list[str] | None = None) -> int:
               "paired_per_step": paired, "forward_s": statistics.median(fwd), "step_s": statistics.median(samp),
               "step_over_forward": statistics.median(ratios),
               "step_over_forward_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
-    print(json.dumps(result, indent=2))
+    result["images_per_s"] = n / max(sum(step_times), 1e-12)  # the last run's sampling time, paired forwards apart
+    result["environment"] = environment(prior)
+    report(result, args)
     return 0
+
+
+def environment(prior) -> dict:
+    """Where the figures were measured."""
+    import platform
+
+    return {"device": str(prior.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+FIGURES = ("forward_s", "step_s", "step_over_forward", "images_per_s")
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    """Print the result; with --out write it (JSON and a markdown table); with --compare print the ratios of its
+    figures to an earlier run's."""
+    print(json.dumps(result, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        rows = [(k, f"{result[k]:.4g}") for k in FIGURES] + [("batch", result["batch"]),
+                                                             ("steps run", result["steps_run"]),
+                                                             ("guidance", result["guidance"])]
+        rows += [(k, v) for k, v in result["environment"].items()]
+        table = ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+        out.with_suffix(".md").write_text("\n".join(table) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    if args.compare:
+        old = json.loads(Path(args.compare).read_text())
+        print(f"against {args.compare}:")
+        for key in FIGURES:
+            if isinstance(old.get(key), (int, float)) and old[key]:
+                print(f"  {key}: {result[key] / old[key]:.3f} x ({result[key]:.4g} against {old[key]:.4g})")
 
 
 if __name__ == "__main__":

@@ -186,11 +186,25 @@ def test_benchmark_refuses_a_first_stage(ckpts, tmp_path, capsys):
         "this is a first-stage checkpoint (ldm.first_stage.models.VQModel); benchmark.py needs a prior"
 
 
-def test_benchmark_runs(ckpts, capsys):
-    assert run(lambda: load("benchmark").main(["-r", ckpts["prior"], "--batch", "2", "--steps", "2",
-                                               "--repeats", "1", "--guidance", "2"])) == 0
+def test_benchmark_runs_writes_and_compares(ckpts, capsys, tmp_path):
+    argv = ["-r", ckpts["prior"], "--batch", "2", "--steps", "2", "--repeats", "1", "--guidance", "2"]
+    assert run(lambda: load("benchmark").main(argv)) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["steps"] == 2
+    result = json.loads(out[out.index("{"):])
+    assert result["steps"] == 2 and result["images_per_s"] > 0
+    assert result["environment"]["threads"] >= 1 and result["environment"]["torch"] == torch.__version__
+    first = tmp_path / "bench" / "first.json"
+    assert run(lambda: load("benchmark").main([*argv, "--out", str(first)])) == 0
+    assert json.loads(first.read_text())["steps"] == 2
+    assert "| step_over_forward |" in first.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert run(lambda: load("benchmark").main([*argv, "--compare", str(first)])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[lines.index(f"against {first}:") + 1].startswith("  forward_s: ")
+    assert refused("benchmark", [*argv, "--out", str(tmp_path / "b.txt")], tmp_path, capsys) == \
+        f"--out must end in .json, got {tmp_path / 'b.txt'}"
+    assert refused("benchmark", [*argv, "--compare", str(tmp_path / "none.json")], tmp_path, capsys).startswith(
+        f"--compare: cannot read {tmp_path / 'none.json'} as an earlier benchmark result")
 
 
 def test_benchmark_compares_cached_and_uncached_decoding(capsys):
