@@ -211,7 +211,7 @@ class CascadePrior(LatentPrior):
             size = stage.latent_shape[1:]
             target = F.interpolate(latents, size=size, mode="area")
             stage_mask = -F.adaptive_max_pool2d(-mask, size)  # min-pool: known only if all covered pixels are
-            stage_cond = cond or None if i == 0 else self.stage_cond(stage, cond, images)
+            stage_cond = (cond or None) if i == 0 else self.stage_cond(stage, cond, images)
             images = stage.inpaint(target, stage_mask, stage_cond, generator, use_ema=ema,
                                    callback=_tagged(callback, i), **self._stage_kw(i, base_kw if i == 0 else sr_kw))
         return images
