@@ -115,7 +115,7 @@ def classifier_hash(net: nn.Module, length: int = 16) -> str:
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()[:length]
 
 

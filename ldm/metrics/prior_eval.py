@@ -15,6 +15,31 @@ from ldm.metrics.classifier import FMNISTClassifier, classifier_outputs
 from ldm.metrics.frechet import feature_statistics, frechet_distance
 
 
+def batch_conditions(start: int, size: int, num_classes: int | None, class_conds: Sequence[Any] | None = None
+                     ) -> tuple[torch.Tensor | None, Any]:
+    """Labels (size,) of samples start.. (classes in turn when conditional, else None) and what the prior is
+    given for them (`class_conds[label]` instead of the id when given: a text prior's caption)."""
+    cond = torch.arange(start, start + size) % num_classes if num_classes else None
+    return cond, (cond if class_conds is None or cond is None else [class_conds[int(c)] for c in cond])
+
+
+@torch.no_grad()
+def draw_batch(prior: Any, start: int, size: int, num_classes: int | None, seed: int = 0,
+               class_conds: Sequence[Any] | None = None, report_steps: bool = True, **sampler_kw: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Samples start..start+size-1 of a seeded evaluation (float32, on the CPU), their labels, and the network
+    calls each took where the sampler reports them to its callback (SUNDAE's early stopping; else None; no callback
+    without `report_steps`). The batch's seed is `seed + start`, so a sample does not depend on which process
+    or run draws its batch."""
+    last: dict[str, Any] = {}
+    cond, given = batch_conditions(start, size, num_classes, class_conds)
+    g = torch.Generator(device=prior.device).manual_seed(seed + start)
+    extra = {"callback": last.update} if report_steps else {}
+    images = prior.sample(size, cond=given, generator=g, **extra, **sampler_kw).float().cpu()
+    taken = last["steps_taken"].cpu() if "steps_taken" in last else None
+    return images, cond, taken
+
+
 @torch.no_grad()
 def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100, seed: int = 0,
              progress: bool = True, steps_taken: list[torch.Tensor] | None = None,
@@ -25,18 +50,12 @@ def generate(prior: Any, n: int, num_classes: int | None, batch_size: int = 100,
     Only prior calls happen here, so a caller may wrap it in autocast. A sampler that stops samples early
     reports each sample's network calls in its callback's `steps_taken`; given a list, they are added to it."""
     images, labels = [], []
-    last: dict[str, Any] = {}
-    callback = None if steps_taken is None else last.update
     for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress):
-        b = min(batch_size, n - start)
-        cond = torch.arange(start, start + b) % num_classes if num_classes else None
-        given = cond if class_conds is None or cond is None else [class_conds[int(c)] for c in cond]
-        g = torch.Generator(device=prior.device).manual_seed(seed + start)
-        last.clear()
-        extra = {"callback": callback} if callback is not None else {}
-        images.append(prior.sample(b, cond=given, generator=g, **extra, **sampler_kw).float().cpu())
-        if steps_taken is not None and "steps_taken" in last:
-            steps_taken.append(last["steps_taken"].cpu())
+        x, cond, taken = draw_batch(prior, start, min(batch_size, n - start), num_classes, seed, class_conds,
+                                    report_steps=steps_taken is not None, **sampler_kw)
+        images.append(x)
+        if steps_taken is not None and taken is not None:
+            steps_taken.append(taken)
         if cond is not None:
             labels.append(cond)
     return torch.cat(images), (torch.cat(labels) if labels else None)
