@@ -1,18 +1,28 @@
 """Evaluate a trained prior: conditional accuracy and FD_fmnist of its samples against the evaluation
-split, the ELBO on held-out latents, over a sweep of sampler settings (a table as JSON and Markdown).
+split, with KID, IS, precision / recall / density / coverage and the cost per sample, the ELBO on
+held-out latents, over a sweep of sampler settings (a table as JSON and Markdown).
 
     python scripts/evaluate.py -r logs/<prior run>/checkpoints/last.ckpt -n 1000 \
         --sweep temperature=1.0,0.9 steps=16,64 guidance_scale=1,2 --elbo-limit 10000 --elbo-strata 4
     python scripts/evaluate.py -r logs/<prior run>/checkpoints/last.ckpt -n 0 --elbo-split validation --elbo-limit 8 --bf16
+    python scripts/evaluate.py -r logs/<prior run>/checkpoints/last.ckpt -n 10000 --memorization 16
+    torchrun --nproc_per_node 4 scripts/evaluate.py -r logs/<prior run>/checkpoints/last.ckpt -n 50000 \
+        --features inception --out outputs/eval/prior.json
 
 The reference images (and the first-stage reconstructions scored beside the samples) are the split
 `--eval-split` of the checkpoint's own data config; for a prior trained on a latent cache, the images
-that cache was encoded from. The Fashion-MNIST classifier adapts their size and channels itself
-(`ldm.metrics.classifier`).
+that cache was encoded from. Every image set is quantised to uint8 before its features are taken, and
+each extractor resizes for itself (`ldm.metrics.features`: the offline Fashion-MNIST classifier by
+default, `--features inception` for torch-fidelity's Inception, whose weights download on first use).
+
+Samples are drawn in seeded batches (batch `start` seeded with `seed + start`) and each finished batch is
+kept under `--work-dir` (default: `<out>.samples/` beside the JSON), keyed by the checkpoint, the setting
+and the seed: a rerun after an interruption draws only the missing batches and gives the same numbers.
+Under `torchrun` rank r draws every W-th batch from r, and rank 0 waits for the others' batches in that
+folder and scores them all, so the numbers do not depend on the number of processes.
 
 `--bf16` runs the prior (sampling, the ELBO, first-stage encoding and decoding) under bfloat16
-autocast, about 2x faster on CPUs with AVX512-BF16; the classifier's features and predictions, and the
-scores, stay float32.
+autocast, about 2x faster on CPUs with AVX512-BF16; the features and the scores stay float32.
 """
 
 from __future__ import annotations
@@ -33,10 +43,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.checkpoint import instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, needs, output_path, run  # noqa: E402
 from ldm.data.skipped import collate_good  # noqa: E402
-from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, classifier_outputs, load_classifier  # noqa: E402
+from ldm.metrics.classifier import DEFAULT_CLASSIFIER_PATH, load_classifier  # noqa: E402
+from ldm.metrics.distribution import KID_SUBSETS, Reference  # noqa: E402
 from ldm.metrics.eval_data import class_prompts, image_split  # noqa: E402
-from ldm.metrics.frechet import feature_statistics  # noqa: E402
-from ldm.metrics.prior_eval import dataset_images, elbo_bits, generate, sample_scores, sweep  # noqa: E402
+from ldm.metrics.features import ClassifierFeatures, build_extractor, to_uint8  # noqa: E402
+from ldm.metrics.memorization import memorization_scores, nearest_training_grid  # noqa: E402
+from ldm.metrics.prior_eval import dataset_images, elbo_bits, set_scores, sweep  # noqa: E402
+from ldm.metrics.sample_store import (  # noqa: E402
+    BatchStore,
+    batch_plan,
+    collect,
+    cost_scores,
+    draw_record,
+    ensure_batches,
+    launch_rank,
+    my_batches,
+    run_key,
+    wait_for,
+)
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
@@ -57,12 +81,16 @@ def check_counts(args: argparse.Namespace) -> None:
     at_least("--elbo-limit", args.elbo_limit, 0)
     at_least("--elbo-strata", args.elbo_strata)
     at_least("--test-limit", args.test_limit)
+    at_least("--kid-subsets", args.kid_subsets)
+    at_least("--memorization", args.memorization, 0)
     if not args.num_samples and not args.elbo_limit:
         raise ValueError("nothing to evaluate: -n 0 skips the samples and --elbo-limit 0 the ELBO")
     if args.sweep and not args.num_samples:
         raise ValueError("--sweep needs samples, but -n is 0")
     if args.elbo_strata is not None and not args.elbo_limit:
         raise ValueError("--elbo-strata needs --elbo-limit >= 1 (without it the ELBO is skipped)")
+    if args.memorization and not args.num_samples:
+        raise ValueError("--memorization needs samples, but -n is 0")
 
 
 def result_path(args: argparse.Namespace) -> Path:
@@ -72,6 +100,17 @@ def result_path(args: argparse.Namespace) -> Path:
         out = out.with_name(out.name + ".json")
     output_path(out.with_suffix(".md"), (".md",))
     return output_path(out, (".json",))
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: this rank's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -90,6 +129,17 @@ def reconstruct(prior: Any, dataset: Dataset, n: int, batch_size: int = 250
     return torch.cat(images), (torch.cat(labels) if labels else None)
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: Any) -> str:
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    table += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(table) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--resume", required=True)
@@ -104,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data.params split whose images are the reference for FD_fmnist and the reconstructions")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the prior (not the classifier)")
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER_PATH))
+    p.add_argument("--features", choices=("fmnist", "inception"), default="fmnist",
+                   help="extractor of KID, IS, precision / recall / density / coverage (and FID): the offline "
+                        "Fashion-MNIST classifier, or torch-fidelity's Inception (weights download on first use)")
+    p.add_argument("--inception-weights", default=None, help="a local copy of torch-fidelity's Inception weights")
+    p.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help="random subsets KID is averaged over")
+    p.add_argument("--memorization", type=int, default=0, metavar="N",
+                   help="a grid per row: its first N samples beside their 3 nearest training images (0: off)")
+    p.add_argument("--memorization-split", default="train", help="data.params split searched for neighbours")
+    p.add_argument("--work-dir", default=None, help="finished sample batches, kept to resume (default: <out>.samples)")
+    p.add_argument("--device", default="auto", help="auto (this rank's GPU if any, else cpu), cpu, cuda:0, ...")
     p.add_argument("--test-limit", type=int, default=None, help="reference images for the statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -115,30 +175,42 @@ def main(argv: list[str] | None = None) -> int:
     check_counts(args)
     settings = sweep(parse_sweep(args.sweep)) or [{}]
     out = result_path(args)
+    rank, world = launch_rank()
+    device = pick_device(args.device)
     prior, config = instantiate_from_checkpoint(args.resume, check_class=needs("prior", "evaluate.py"))
+    prior = prior.to(device)
     for setting in settings:  # every row's settings, before the first row is computed
         prior.check_sampler_options(setting)
-    if args.elbo_limit and not getattr(prior, "has_likelihood", True):
+    has_likelihood = getattr(prior, "has_likelihood", True)
+    if args.elbo_limit and not has_likelihood:
         note = f" ({prior.likelihood_note})" if getattr(prior, "likelihood_note", None) else ""
         raise ValueError(f"--elbo-limit: {type(prior).__name__} has no likelihood{note}; use --elbo-limit 0")
     splits = [k for k, v in ((config.get("data") or {}).get("params") or {}).items() if isinstance(v, dict)]
     if args.elbo_limit and args.elbo_split not in splits:
         raise SystemExit(f"--elbo-split: the stored config has no data.params.{args.elbo_split}; choose a split "
                          f"it has ({', '.join(splits) or 'none'})")
+    if args.memorization and args.memorization_split not in splits:
+        raise SystemExit(f"--memorization-split: the stored config has no data.params.{args.memorization_split}; "
+                         f"choose a split it has ({', '.join(splits) or 'none'})")
     if args.num_samples:
-        classifier = load_classifier(args.classifier)
+        classifier = load_classifier(args.classifier, device)
         try:
             reference, source = image_split(config, args.eval_split)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+        extractors = [ClassifierFeatures(classifier)]
+        if args.features != "fmnist":
+            extractors.append(build_extractor(args.features, classifier, args.inception_weights, device))
+        main_extractor = extractors[-1]
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def prior_precision():
-        """Autocast for prior calls only; the classifier switches it off for itself in any case."""
+        """Autocast for prior calls only; the extractors switch it off for themselves in any case."""
         return torch.autocast(prior.device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     result: dict = {"checkpoint": args.resume, "num_samples": args.num_samples, "bf16": args.bf16, "rows": []}
-    if args.elbo_limit:
+    result["nll_unit"] = "bits per token" if getattr(prior, "latent_kind", None) == "tokens" else "bits per dimension"
+    if args.elbo_limit and rank == 0:
         split_cfg = config["data"]["params"][args.elbo_split]
         dataset = instantiate_from_config(split_cfg, key=f"data.params.{args.elbo_split}")
         nll_kw = {"strata": args.elbo_strata} if args.elbo_strata else {}
@@ -148,39 +220,68 @@ def main(argv: list[str] | None = None) -> int:
                       elbo_split=args.elbo_split)
         print(f"ELBO: {result['elbo_bits_per_dim']:.4f} bits per dimension", flush=True)
         out.write_text(json.dumps(result, indent=2))
+    nll = result.get("elbo_bits_per_dim", None if has_likelihood else "n/a")
     if args.num_samples:
-        result.update(eval_split=args.eval_split, reference_images=source)
+        work = Path(args.work_dir) if args.work_dir else out.with_suffix(".samples")
+        result.update(eval_split=args.eval_split, reference_images=source, features=main_extractor.name,
+                      preprocessing="uint8", work_dir=str(work), processes=world)
         # a text prior trained on captions made from labels is given each class's caption and scored per class
         prompts = None if prior.num_classes else class_prompts(config, args.eval_split)
         num_classes = len(prompts) if prompts else prior.num_classes
         if prompts:
             result["class_prompts"] = prompts
-        ref_stats = feature_statistics(classifier_outputs(classifier, dataset_images(reference, args.test_limit))[0])
-        with prior_precision():
-            images, labels = reconstruct(prior, reference, args.num_samples)
-        result["first_stage_reconstructions"] = sample_scores(images, labels, classifier, ref_stats)
-        print("first-stage reconstructions:", result["first_stage_reconstructions"], flush=True)
-        for setting in settings:
-            t0, taken = time.time(), []
+        plan = batch_plan(args.num_samples, args.batch_size)
+        if rank == 0:
+            ref_images = to_uint8(dataset_images(reference, args.test_limit))
+            ref_outputs = {e.name: e(ref_images) for e in extractors}
+            references = {e.name: Reference.of(ref_outputs[e.name]["features"]) for e in extractors}
             with prior_precision():
-                images, labels = generate(prior, args.num_samples, num_classes, args.batch_size, args.seed,
-                                          steps_taken=taken, class_conds=prompts, **setting)
-            row = {**setting, **sample_scores(images, labels, classifier, ref_stats),
-                   "seconds": round(time.time() - t0, 1)}
-            if taken:  # a sampler that stops early (SUNDAE): the network calls samples actually took
-                taken = torch.cat(taken).float()
+                images, labels = reconstruct(prior, reference, args.num_samples)
+            rec = to_uint8(images)
+            result["first_stage_reconstructions"] = set_scores({e.name: e(rec) for e in extractors}, labels,
+                                                               extractors, references, args.kid_subsets, args.seed)
+            print("first-stage reconstructions:", result["first_stage_reconstructions"], flush=True)
+            if args.memorization:
+                train, _ = image_split(config, args.memorization_split)
+                train_images = to_uint8(dataset_images(train))
+                train_features = main_extractor(train_images)["features"]
+        for i, setting in enumerate(settings):
+            t0 = time.time()
+            store = BatchStore(work, run_key(args.resume, setting=setting, seed=args.seed, batch_size=args.batch_size,
+                                             bf16=args.bf16, device=device.type, num_classes=num_classes,
+                                             class_conds=prompts))
+
+            def draw(start: int, size: int, setting: dict = setting) -> dict:
+                return draw_record(prior, start, size, num_classes, args.seed, prompts, prior_precision, **setting)
+
+            ensure_batches(store, my_batches(plan), draw, extractors, progress=True)
+            if rank != 0:
+                continue
+            wait_for(store, plan)
+            got = collect(store, plan, extractors)
+            row = {**setting, **set_scores(got["features"], got["labels"], extractors, references, args.kid_subsets,
+                                           args.seed)}
+            row.update(nll_bits=nll, **cost_scores(got), seconds=round(time.time() - t0, 1))
+            if got["steps_taken"] is not None:  # a sampler that stops early (SUNDAE): the calls samples took
+                taken = got["steps_taken"].float()
                 row.update(steps_mean=round(float(taken.mean()), 2), steps_max=int(taken.max()))
+            if args.memorization:
+                k = min(args.memorization, len(got["images"]))
+                grid = out.with_name(f"{out.stem}.nearest{i}.png")
+                sample_feats = got["features"][main_extractor.name]["features"]
+                nearest_training_grid(got["images"][:k], sample_feats[:k], train_images, train_features, grid)
+                row.update(memorization_scores(sample_feats, references[main_extractor.name].features,
+                                               train_features), memorization_grid=str(grid))
             print(row, flush=True)
             result["rows"].append(row)
             out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted sweep
+    if rank != 0:
+        return 0
     out.write_text(json.dumps(result, indent=2))
     if result["rows"]:
-        keys = list(result["rows"][0])
-        table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        table += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                  for r in result["rows"]]
-        out.with_suffix(".md").write_text("\n".join(table) + "\n")
-        print("\n".join(table))
+        table = markdown_table(result["rows"])
+        out.with_suffix(".md").write_text(table)
+        print(table, end="")
     print(f"wrote {out}")
     return 0
 

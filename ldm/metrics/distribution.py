@@ -27,6 +27,7 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 20
     """Euclidean distances (Q, k) and indices (Q, k) of each query row's k nearest rows of `bank`, closest
     first; with `exclude_self` (query is bank) a row is not its own neighbour."""
     query, bank = query.float(), bank.float()
+    chunk = max(1, min(chunk, 2**25 // max(1, len(bank))))  # at most 32M distances (128 MB) at a time
     dists, idx = [], []
     for start in range(0, len(query), chunk):
         d = torch.cdist(query[start: start + chunk], bank)  # (q, N)
@@ -54,6 +55,7 @@ def _count_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tens
     to the nearest centre. (P,) long, (P,) float"""
     counts, closest = [], []
     centres = centres.float()
+    chunk = max(1, min(chunk, 2**25 // max(1, len(centres))))
     for start in range(0, len(points), chunk):
         d = torch.cdist(points[start: start + chunk].float(), centres)  # (p, C)
         counts.append((d < radii[None]).sum(1))
@@ -123,12 +125,13 @@ class Reference:
 
     features: torch.Tensor  # (N, D)
     stats: tuple[np.ndarray, np.ndarray]
-    radii: torch.Tensor  # (N,)
+    radii: torch.Tensor | None  # (N,); None for a set of k rows or fewer
     k: int = NEAREST_K
 
     @classmethod
     def of(cls, features: torch.Tensor, k: int = NEAREST_K) -> Reference:
-        return cls(features.float(), feature_statistics(features), knn_radii(features, k), k)
+        radii = knn_radii(features, k) if len(features) > k else None
+        return cls(features.float(), feature_statistics(features), radii, k)
 
 
 def distribution_scores(features: torch.Tensor, logits: torch.Tensor, reference: Reference, fd_key: str,
@@ -137,12 +140,16 @@ def distribution_scores(features: torch.Tensor, logits: torch.Tensor, reference:
     `fd_key`, KID{suffix} (and its std), IS{suffix} (and its std), precision, recall, density, coverage.
     Scores a set too small for them are None."""
     out: dict[str, Any] = {fd_key: frechet_distance(*feature_statistics(features), *reference.stats)}
-    out[f"KID{suffix}"], out[f"KID{suffix}_std"] = kid(reference.features, features, subsets=kid_subsets, seed=seed)
+    if min(len(features), len(reference.features)) >= 2:
+        out[f"KID{suffix}"], out[f"KID{suffix}_std"] = kid(reference.features, features, subsets=kid_subsets,
+                                                           seed=seed)
+    else:
+        out[f"KID{suffix}"] = out[f"KID{suffix}_std"] = None
     if len(logits) >= IS_SPLITS:
         out[f"IS{suffix}"], out[f"IS{suffix}_std"] = inception_score(logits)
     else:
         out[f"IS{suffix}"] = out[f"IS{suffix}_std"] = None
-    if len(features) > reference.k:
+    if len(features) > reference.k and reference.radii is not None:
         out.update(prdc(reference.features, features, reference.k, reference.radii))
     else:
         out.update(dict.fromkeys(("precision", "recall", "density", "coverage")))

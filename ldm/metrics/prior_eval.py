@@ -99,3 +99,23 @@ def sweep(settings: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """All combinations of sampler settings, e.g. {"temperature": [1, .9], "steps": [16, 64]}."""
     keys = list(settings)
     return [dict(zip(keys, values)) for values in itertools.product(*(settings[k] for k in keys))]
+
+
+def set_scores(outputs: Mapping[str, Mapping[str, torch.Tensor]], labels: torch.Tensor | None,
+               extractors: Sequence[Any], references: Mapping[str, Any], kid_subsets: int = 100,
+               seed: int = 0) -> dict[str, Any]:
+    """Scores of one image set from its features: FD_fmnist and the conditional accuracy from the classifier
+    (`extractors[0]`, a `ldm.metrics.features.ClassifierFeatures`), and every distribution score of the last
+    extractor (the classifier again, or Inception). `outputs` and `references` (`Reference`) are keyed by
+    extractor name."""
+    from ldm.metrics.distribution import distribution_scores
+
+    classifier, main = extractors[0], extractors[-1]
+    feats = outputs[classifier.name]
+    out: dict[str, Any] = {"FD_fmnist": frechet_distance(*feature_statistics(feats["features"]),
+                                                         *references[classifier.name].stats)}
+    if labels is not None:
+        out["conditional_accuracy"] = float((feats["logits"].argmax(1) == labels).float().mean())
+    out.update(distribution_scores(outputs[main.name]["features"], outputs[main.name]["logits"],
+                                   references[main.name], main.fd_key, main.suffix, kid_subsets, seed))
+    return out

@@ -8,9 +8,11 @@ bfloat16, the device type and the conditions. So
 
 - a rerun after an interruption draws only the batches that are missing and scores the same samples
   as an uninterrupted run (the numbers are equal);
-- under `torchrun`, rank r draws batches r, r + W, r + 2W, ... of the plan (`my_batches`); the samples
-  do not depend on the number of processes, and rank 0 reads every batch from the shared folder to score
-  them (ranks must share it: one machine, or a shared file system);
+- under `torchrun`, rank r of W draws batches r, r + W, r + 2W, ... of the plan (`my_batches`); the
+  samples do not depend on the number of processes, and rank 0 waits for the other ranks' batches in the
+  folder (`wait_for`) and scores them all (ranks must share it: one machine, or a shared file system).
+  Ranks coordinate through the folder only, with no process group: the priors' random draws
+  (`ldm.distributed.draw_local`) would otherwise combine different ranks' batches as one training batch;
 - a larger `-n` later reuses the batches it has in common with a smaller one.
 
 A stored batch holds the samples as uint8 (`ldm.metrics.features.to_uint8`: what is scored), their
@@ -34,8 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from ldm.distributed import rank, world_size
 from ldm.metrics.features import FeatureExtractor, to_uint8
 from ldm.metrics.prior_eval import draw_batch
 
@@ -47,9 +49,15 @@ def batch_plan(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) as `torchrun` sets them in the environment; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def my_batches(plan: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """This process's share of the plan: every world_size-th batch from its rank (all of it alone)."""
-    return list(plan[rank()::world_size()])
+    """This process's share of the plan: every world-size-th batch from its rank (all of it alone)."""
+    rank, world = launch_rank()
+    return list(plan[rank::world])
 
 
 def prior_networks(prior: nn.Module) -> list[nn.Module]:
@@ -181,19 +189,29 @@ def draw_record(prior: Any, start: int, size: int, num_classes: int | None, seed
 
 
 def ensure_batches(store: BatchStore, batches: Sequence[tuple[int, int]], draw: Callable[[int, int], Record],
-                   extractors: Sequence[FeatureExtractor] = (), progress: Callable[[int, int], None] | None = None
-                   ) -> int:
+                   extractors: Sequence[FeatureExtractor] = (), progress: bool = False) -> int:
     """Draw and store every batch of `batches` the store lacks (features included); the number drawn."""
     drawn = 0
-    for i, (start, size) in enumerate(batches):
+    for start, size in tqdm(batches, desc="sampling", disable=not progress):
         if not store.has(start, size):
             record = draw(start, size)
             add_features(record, extractors)
             store.save(start, size, record)
             drawn += 1
-        if progress is not None:
-            progress(i + 1, len(batches))
     return drawn
+
+
+def wait_for(store: BatchStore, plan: Sequence[tuple[int, int]], poll_s: float = 2.0,
+             timeout_s: float | None = None) -> None:
+    """Return once every batch of the plan is in the store (other ranks draw theirs); a TimeoutError after
+    `timeout_s` names how many are missing. torchrun stops every rank when one fails, so no rank waits forever
+    on a crashed one."""
+    t0 = time.monotonic()
+    while missing := sum(not store.has(*b) for b in plan):
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{missing} of {len(plan)} batches still missing from {store.folder} after "
+                               f"{timeout_s:.0f} s; do all ranks write to this folder?")
+        time.sleep(poll_s)
 
 
 def collect(store: BatchStore, plan: Sequence[tuple[int, int]], extractors: Sequence[FeatureExtractor] = ()
