@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned, so no other package pulls a different build
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[test,metrics]'
+	$(PIP) install -q -e '.[test,metrics,apps]'
 	# k-diffusion's samplers, a test oracle, without its training stack (which pins numpy < 2)
 	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1
 	touch $(STAMP)

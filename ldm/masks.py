@@ -37,12 +37,13 @@ def check_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return values
 
 
-NAMED_MASKS = ("upper", "lower", "left", "centre")
+NAMED_MASKS = ("upper", "lower", "left", "centre", "border")
 
 
 def named_mask(name: str, n: int, h: int, w: int) -> torch.Tensor:
     """A standard inpainting mask (n, 1, h, w), 1 = keep: `upper` keeps the upper half (the lower is filled),
-    `lower` the lower half, `left` the left half, `centre` everything but a centred square of half the size."""
+    `lower` the lower half, `left` the left half, `centre` everything but a centred square of half the size,
+    `border` only that centred square (outpainting: a border of a quarter of each side is filled)."""
     mask = torch.zeros(n, 1, h, w)
     if name == "upper":
         mask[..., : h // 2, :] = 1
@@ -53,6 +54,8 @@ def named_mask(name: str, n: int, h: int, w: int) -> torch.Tensor:
     elif name == "centre":
         mask[:] = 1
         mask[..., h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 0
+    elif name == "border":
+        mask[..., h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 1
     else:
         raise ValueError(f"mask must be one of {', '.join(NAMED_MASKS)}, got {name!r}")
     return mask

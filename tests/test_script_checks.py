@@ -256,7 +256,7 @@ def test_inpaint_writes_a_grid_per_mask(tmp_path):
 def test_inpaint_refuses_bad_arguments(ckpts, tmp_path, capsys):
     base = ["-r", ckpts["prior"], "--out", str(tmp_path / "g.png")]
     assert refused("inpaint", [*base, "--mask", "middle"], tmp_path, capsys) == \
-        "--mask: choose from upper, lower, left, centre, got 'middle'"
+        "--mask: choose from upper, lower, left, centre, border, got 'middle'"
     assert refused("inpaint", [*base, "--samples", "0"], tmp_path, capsys) == "--samples must be >= 1, got 0"
     assert refused("inpaint", [*base, "shape=[8,8]"], tmp_path, capsys).startswith(
         "AbsorbingPrior.inpaint has no option 'shape'")
