@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             ref_images = to_uint8(dataset_images(reference, args.test_limit))
             ref_outputs = {e.name: e(ref_images) for e in extractors}
-            references = {e.name: Reference.of(ref_outputs[e.name]["features"]) for e in extractors}
+            # precision / recall / density / coverage against as many reference images as samples
+            references = {e.name: Reference.of(ref_outputs[e.name]["features"], manifold_rows=args.num_samples)
+                          for e in extractors}
             with prior_precision():
                 images, labels = reconstruct(prior, reference, args.num_samples)
             rec = to_uint8(images)

@@ -121,17 +121,22 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS) -> tuple[floa
 
 @dataclass
 class Reference:
-    """A reference set's features, once: their Gaussian fit for the Fréchet distance and their k-NN radii."""
+    """A reference set's features, once: their Gaussian fit (Fréchet distance, over all rows) and the k-NN
+    radii of its first `manifold_rows` rows (precision / recall / density / coverage depend on the sizes of
+    the two sets; Naeem et al. 2020 compare equal sizes, so give the number of samples)."""
 
     features: torch.Tensor  # (N, D)
     stats: tuple[np.ndarray, np.ndarray]
-    radii: torch.Tensor | None  # (N,); None for a set of k rows or fewer
+    manifold: torch.Tensor  # (M, D), the first M rows
+    radii: torch.Tensor | None  # (M,); None for a set of k rows or fewer
     k: int = NEAREST_K
 
     @classmethod
-    def of(cls, features: torch.Tensor, k: int = NEAREST_K) -> Reference:
-        radii = knn_radii(features, k) if len(features) > k else None
-        return cls(features.float(), feature_statistics(features), radii, k)
+    def of(cls, features: torch.Tensor, k: int = NEAREST_K, manifold_rows: int | None = None) -> Reference:
+        features = features.float()
+        manifold = features[:manifold_rows] if manifold_rows else features
+        radii = knn_radii(manifold, k) if len(manifold) > k else None
+        return cls(features, feature_statistics(features), manifold, radii, k)
 
 
 def distribution_scores(features: torch.Tensor, logits: torch.Tensor, reference: Reference, fd_key: str,
@@ -150,7 +155,7 @@ def distribution_scores(features: torch.Tensor, logits: torch.Tensor, reference:
     else:
         out[f"IS{suffix}"] = out[f"IS{suffix}_std"] = None
     if len(features) > reference.k and reference.radii is not None:
-        out.update(prdc(reference.features, features, reference.k, reference.radii))
+        out.update(prdc(reference.manifold, features, reference.k, reference.radii))
     else:
         out.update(dict.fromkeys(("precision", "recall", "density", "coverage")))
     return out

@@ -71,6 +71,10 @@ def test_prdc_equals_the_prdc_package_and_precision_recall_torch_fidelity():
     # reference radii computed once give the same numbers; a set against itself is fully covered
     assert prdc(real, fake, 5, knn_radii(real, 5)) == ours
     assert prdc(real, real, 5)["coverage"] == 1.0 and prdc(real, real, 5)["precision"] == 1.0
+    # a reference scores the manifold scores against its first rows, as many as there are samples
+    ref = Reference.of(real, 5, manifold_rows=len(fake))
+    scores = distribution_scores(fake, torch.zeros(len(fake), 10), ref, "FD", "", kid_subsets=1)
+    assert {k: scores[k] for k in ours} == prdc(real[: len(fake)], fake, 5) and len(ref.features) == len(real)
 
 
 def test_nearest_excludes_itself_when_asked():
