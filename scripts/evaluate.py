@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,8 +108,6 @@ def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
     return torch.device("cpu")
 
