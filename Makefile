@@ -30,8 +30,9 @@ data:
 		|| echo "apt-get could not install dataset-fashion-mnist; torchvision will download it"; \
 	else echo "no apt-get: torchvision will download Fashion-MNIST on first use"; fi
 
+# -rs lists each skipped test with its reason (the apps' browser test without Chromium, a missing fixture)
 test: setup data
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -rs -m "not slow and not gpu"
 
 test-all: setup data
 	$(PY) -m pytest -q -m "not gpu"

@@ -1,7 +1,8 @@
 """Inpaint with any prior in the browser: an uploaded image or one of the validation split, a mask drawn on
 a canvas or a preset, its preview on the prior's latent grid, the prior's inpainting options, and downloads.
 
-    streamlit run scripts/inpaint_app.py -- logs/<prior run>/checkpoints/last.ckpt [more checkpoints or sampling configs]
+    streamlit run scripts/inpaint_app.py -- logs/<prior run>/checkpoints/last.ckpt [more checkpoints, sampling configs]
+    # a page address may set the start values: http://localhost:8501/?checkpoint=<path>&seed=3
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Sample any prior in the browser: sampler controls from the prior's declared options, live progress,
 the grid, downloads and the `scripts/sample.py` command that reproduces it; a second checkpoint side by side.
 
-    streamlit run scripts/sample_app.py -- logs/<prior run>/checkpoints/last.ckpt [more checkpoints or sampling configs]
+    streamlit run scripts/sample_app.py -- logs/<prior run>/checkpoints/last.ckpt [more checkpoints, sampling configs]
+    # a page address may set the start values: http://localhost:8501/?checkpoint=<path>&seed=3
 """
 
 from __future__ import annotations

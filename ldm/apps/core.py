@@ -273,11 +273,11 @@ def png_zip(images: torch.Tensor, stem: str = "sample") -> bytes:
     return buf.getvalue()
 
 
-def display(png_bytes: bytes, width: int = 640) -> tuple[Image.Image, int]:
-    """A grid enlarged by a whole factor (nearest neighbour, at most 8) towards `width` pixels, and the factor:
-    a 32 x 32 sample shown at its size is a smudge."""
+def display(png_bytes: bytes, width: int = 640, height: int | None = None) -> tuple[Image.Image, int]:
+    """A grid enlarged by a whole factor (nearest neighbour, at most 8) to fit `width` (and `height`) pixels,
+    and the factor: a 32 x 32 sample shown at its size is a smudge."""
     image = Image.open(io.BytesIO(png_bytes))
-    factor = max(1, min(8, width // image.width))
+    factor = max(1, min(8, width // image.width, (height or width * 8) // image.height))
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST), factor
 
 

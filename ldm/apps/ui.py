@@ -40,10 +40,21 @@ def open_prior(source: str, device: str, where: Any) -> core.Loaded | None:
     return None
 
 
+def initial(name: str, default: int) -> int:
+    """A start value from the page address (`?batch_size=4&seed=3`), so a link opens the page set up."""
+    try:
+        return int(st.query_params.get(name, default))
+    except ValueError:
+        return default
+
+
 def choose_source(slot: str, given: Sequence[str], label: str) -> str | None:
-    """The sidebar's checkpoint selector: the command line's paths and `configs/sampling/`, or a typed path."""
+    """The sidebar's checkpoint selector: the command line's paths and `configs/sampling/`, or a typed path
+    (the first choice, or the one the address names: `?checkpoint=<path>`, `?checkpoint_b=<path>`)."""
     choices = [*core.checkpoint_choices(given), OTHER]
-    picked = st.sidebar.selectbox(label, choices, key=f"checkpoint:{slot}",
+    wanted = st.query_params.get("checkpoint" if slot == "a" else f"checkpoint_{slot}")
+    index = choices.index(wanted) if wanted in choices else 0
+    picked = st.sidebar.selectbox(label, choices, index=index, key=f"checkpoint:{slot}",
                                   help="a prior checkpoint written by main.py, or a sampling config (.yaml)")
     if picked == OTHER:
         picked = st.sidebar.text_input(f"{label}: path", key=f"path:{slot}").strip()
@@ -122,7 +133,7 @@ def shows_unsupported(loaded: core.Loaded, where: Any) -> bool:
 
 
 def downloads(result: Mapping[str, Any], slot: str, where: Any, stem: str) -> None:
-    image, factor = core.display(result["grid"])
+    image, factor = core.display(result["grid"], 640, 720)
     where.image(image, caption=f"{result['caption']}; shown x{factor}, nearest neighbour")
     left, right = where.columns(2)
     left.download_button("Download the grid (PNG)", result["grid"], file_name=f"{stem}_grid.png", mime="image/png",
@@ -155,15 +166,15 @@ def sample_page(argv: Sequence[str]) -> None:
     st.set_page_config(page_title="Sample a prior", layout="wide")
     st.title("Sample a latent prior")
     sources = [choose_source("a", argv, "Checkpoint")]
-    if st.sidebar.checkbox("Compare with a second checkpoint", key="compare"):
+    if st.sidebar.checkbox("Compare with a second checkpoint", value="checkpoint_b" in st.query_params, key="compare"):
         sources.append(choose_source("b", argv, "Second checkpoint"))
     device = device_choice()
-    seed = int(st.sidebar.number_input("Seed", value=0, min_value=0, step=1, key="seed"))
-    batch_size = int(st.sidebar.number_input("Batch size", value=16, min_value=1, max_value=256, step=1,
-                                             key="batch_size",
+    seed = int(st.sidebar.number_input("Seed", value=initial("seed", 0), min_value=0, step=1, key="seed"))
+    batch_size = int(st.sidebar.number_input("Batch size", value=initial("batch_size", 16), min_value=1,
+                                             max_value=256, step=1, key="batch_size",
                                              help="samples per batch (per class when sampling every class)"))
-    batches = int(st.sidebar.number_input("Number of batches", value=1, min_value=1, max_value=64, step=1,
-                                          key="batches", help="batch b is drawn with seed + b"))
+    batches = int(st.sidebar.number_input("Number of batches", value=initial("batches", 1), min_value=1,
+                                          max_value=64, step=1, key="batches", help="batch b is drawn with seed + b"))
     pressed = st.sidebar.button("Sample", key="sample", type="primary")
 
     columns = st.columns(len(sources))
@@ -176,14 +187,15 @@ def sample_page(argv: Sequence[str]) -> None:
         if loaded is None or shows_unsupported(loaded, column):
             continue
         column.subheader(loaded.title)
-        label, prompt = condition_controls(loaded, slot, column, shared)
-        with column.expander("Sampler options", expanded=True):
+        controls, shown = column.columns([2, 3])
+        label, prompt = condition_controls(loaded, slot, controls, shared)
+        with controls.expander("Sampler options", expanded=True):
             values = option_controls(loaded, "sample", slot, st)
         if pressed:
-            sample_into(loaded, slot, column, seed, batch_size, batches, label, prompt, values)
+            sample_into(loaded, slot, shown, seed, batch_size, batches, label, prompt, values)
         result = st.session_state.get(f"result:{slot}")
         if result is not None and result["source"] == source:
-            downloads(result, slot, column, "sample")
+            downloads(result, slot, shown, "sample")
 
 
 def condition_controls(loaded: core.Loaded, slot: str, where: Any, shared: dict[str, Any]) -> tuple[Any, str | None]:
@@ -242,9 +254,11 @@ def inpaint_page(argv: Sequence[str]) -> None:
     st.title("Inpaint with a latent prior")
     source = choose_source("a", argv, "Checkpoint")
     device = device_choice()
-    seed = int(st.sidebar.number_input("Seed", value=0, min_value=0, step=1, key="seed"))
-    samples = int(st.sidebar.number_input("Completions per image", value=3, min_value=1, max_value=16, step=1,
-                                          key="samples", help="completion k is drawn with seed + k"))
+    seed = int(st.sidebar.number_input("Seed", value=initial("seed", 0), min_value=0, step=1, key="seed"))
+    samples = int(st.sidebar.number_input("Completions per image", value=initial("samples", 3), min_value=1,
+                                          max_value=16, step=1, key="samples",
+                                          help="completion k is drawn with seed + k"))
+    pressed = st.sidebar.button("Inpaint", key="inpaint", type="primary")
     if source is None:
         st.info("Choose a checkpoint or a sampling config in the sidebar.")
         return
@@ -252,23 +266,21 @@ def inpaint_page(argv: Sequence[str]) -> None:
     if loaded is None or shows_unsupported(loaded, st):
         return
     st.subheader(loaded.title)
-    c, h, w = loaded.image_shape
-    left, middle, right = st.columns(3)
+    left, middle, right = st.columns([1, 1, 2])
     left.markdown("**Source image**")
     picked = source_images(loaded, left, source, device)
     if picked is None:
         return
     images, labels, notes, reproducible = picked
+    if notes:
+        left.caption("; ".join(notes))
     middle.markdown("**Mask** (1 = keep)")
     mask, preset = mask_controls(images[0], middle)
     mask = mask.expand(len(images), -1, -1, -1)
-    right.markdown(f"**What the prior sees**: its {' x '.join(map(str, loaded.prior.latent_shape[-2:]))} latent "
-                   "grid, the cells it fills in red")
-    right.image(core.latent_preview(loaded, images[0], mask[:1]))
-    if notes:
-        left.caption("; ".join(notes))
-
-    with st.expander("Sampler options", expanded=True):
+    middle.markdown(f"**What the prior sees**: its {' x '.join(map(str, loaded.prior.latent_shape[-2:]))} latent "
+                    "grid, the cells it fills in red")
+    middle.image(core.latent_preview(loaded, images[0], mask[:1], 192))
+    with left.expander("Sampler options", expanded=True):
         label, prompt = None, None
         if loaded.cond_kind == "class":
             first = ("the images' own labels",) if labels is not None else ()
@@ -278,23 +290,25 @@ def inpaint_page(argv: Sequence[str]) -> None:
             prompt = prompt_choice(loaded, "a", st)
         values = option_controls(loaded, "inpaint", "a", st)
     if bool((mask > 0.5).all()):
-        st.info("The mask keeps every pixel: draw the hole, or pick a preset.")
-    if st.button("Inpaint", key="inpaint", type="primary"):
+        right.info("The mask keeps every pixel: draw the hole, or pick a preset.")
+    if pressed:
         cond = labels if label is None and labels is not None else core.inpaint_cond(loaded, len(images), label,
                                                                                      prompt)
         same_cond = (label is None and not prompt)
         inpaint_into(loaded, images, mask, cond, samples, seed, values,
-                     preset if reproducible and same_cond else None)
+                     preset if reproducible and same_cond else None, right)
     result = st.session_state.get("result:a")
     if result is not None and result["source"] == source:
-        downloads(result, "a", st, "inpaint")
+        downloads(result, "a", right, "inpaint")
 
 
 def source_images(loaded: core.Loaded, where: Any, source: str, device: str
                   ) -> tuple[torch.Tensor, torch.Tensor | None, list[str], bool] | None:
     """The images to inpaint (n, C, H, W), their labels (validation split), the conversions applied, and
     whether `scripts/inpaint.py` picks the same images (the split's first ones)."""
-    kind = where.radio("From", ["Upload", "Validation split"], key="source", horizontal=True)
+    kinds = ["Upload", "Validation split"]
+    kind = where.radio("From", kinds, index=int(st.query_params.get("source") == "validation"), key="source",
+                       horizontal=True)
     if kind == "Upload":
         upload = where.file_uploader("PNG or JPEG, any size or mode", type=["png", "jpg", "jpeg"], key="upload")
         if upload is None:
@@ -308,7 +322,8 @@ def source_images(loaded: core.Loaded, where: Any, source: str, device: str
         where.image(core.display(core.png(image[None], 1), 160)[0], caption=f"{upload.name}, as the prior sees it")
         return image[None], None, notes, False
     start = int(where.number_input("First image", value=0, min_value=0, step=1, key="index"))
-    count = int(where.number_input("Images", value=4, min_value=1, max_value=16, step=1, key="count"))
+    count = int(where.number_input("Images", value=initial("count", 4), min_value=1, max_value=16, step=1,
+                                   key="count"))
     try:
         stamp = os.path.getmtime(source) if os.path.exists(source) else 0.0
         dataset = _validation(source, device, stamp)
@@ -350,16 +365,16 @@ def mask_controls(image: torch.Tensor, where: Any) -> tuple[torch.Tensor, str | 
 
 
 def inpaint_into(loaded: core.Loaded, images: torch.Tensor, mask: torch.Tensor, cond: Any, samples: int, seed: int,
-                 values: dict[str, Any], preset: str | None) -> None:
+                 values: dict[str, Any], preset: str | None, where: Any) -> None:
     """Fill the hole `samples` times with live progress; keep the rows, the zip and (where the script makes the
     same grid) the `scripts/inpaint.py` command in the session."""
     try:
         options = loaded.prior.check_sampler_options(values, mode="inpaint")
-        bar, picture = st.progress(0.0, text="starting"), st.empty()
+        bar, picture = where.progress(0.0, text="starting"), where.empty()
         callback = reporter(loaded.prior, bar, picture, "", len(images))
         rows = core.run_inpaint(loaded, images, mask, cond, samples, seed, options, callback)
     except USER_ERRORS as e:
-        st.error(str(e))
+        where.error(str(e))
         return
     bar.progress(1.0, text=f"done: {samples} completions of {len(images)} images")
     picture.empty()
