@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("streamlit")
@@ -275,3 +276,20 @@ def test_option_values_round_trip_through_the_command_line():
     args = sample.parse_args(shlex.split(line)[2:])
     assert args.sampler_kw == {"temperature": [1.0, 0.5], "top_k": None, "order": "raster", "steps": 3,
                                "guidance_scale": 2.0}
+
+
+@pytest.mark.parametrize("name", ["absorbing", "sundae", "imagebart", "ldm", "cascade"])
+def test_progress_lines_and_intermediate_decodes(name, checkpoint):
+    loaded = core.load(checkpoint(name))
+    seen = []
+    loaded.prior.sample(2, generator=torch.Generator().manual_seed(0),
+                        callback=lambda info: seen.append((*core.progress(info), core.preview(loaded.prior, info))))
+    assert seen[0][1].startswith("step 1 of ") and all(0 < f <= 1 for f, _, _ in seen)
+    if name == "imagebart":
+        assert "scale" in seen[0][1]
+    if name == "cascade":
+        assert seen[0][1].endswith("stage 0") and seen[-1][1].endswith("stage 1")
+    previews = [p for _, _, p in seen if p is not None]
+    assert previews and all(tuple(p.shape) == (2, *loaded.image_shape) for p in previews)
+    if name != "cascade":  # the base stage's x_0 is another size: only the last stage's are decoded
+        assert seen[-1][2] is not None  # the last step's map is complete

@@ -72,6 +72,7 @@ def served(script: str, sources: list[str], log: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser():
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[apps]')")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
