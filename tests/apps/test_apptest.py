@@ -70,6 +70,14 @@ def test_sample_app_samples_every_prior(name, checkpoint, monkeypatch):
         assert "steps=3" in at.code[0].value
 
 
+@pytest.mark.parametrize("alias,title", [("sample_imagebart", "Sample a latent prior"),
+                                         ("inpaint_imagebart", "Inpaint with a latent prior")])
+def test_imagebart_entry_names_open_the_apps(alias, title, checkpoint, monkeypatch):
+    at = app(alias, monkeypatch, checkpoint("imagebart"))
+    no_errors(at)
+    assert at.title[0].value == title and "ImageBARTPrior" in at.subheader[0].value
+
+
 def test_sample_app_grid_is_what_the_command_line_writes(checkpoint, monkeypatch, tmp_path):
     ckpt = checkpoint("absorbing")
     at = app("sample_app", monkeypatch, ckpt)
