@@ -58,6 +58,19 @@ class RunLock:
         self._file = f
         return self
 
+    def holder(self) -> str | None:
+        """Who holds the lock now ("process <pid> on <host>"), or None when no process does; the lock
+        file is only read and probed, never rewritten."""
+        if not os.path.exists(self.path):
+            return None
+        with open(self.path) as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None
+
     def release(self) -> None:
         if self._file is not None:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
