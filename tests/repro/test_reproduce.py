@@ -1,0 +1,162 @@
+"""`scripts/reproduce.py` end to end on the tiny configs: the table's rows and columns, a rerun that does no
+work, and runs stopped during a training and during an evaluation that finish with the same table.
+
+The first stages are tiny random models written as main.py writes checkpoints, their latent caches built in
+this process (the runner judges them finished from their meta.json); the priors are trained, evaluated and
+drawn by the runner's subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import read_checkpoint
+from ldm.repro.spec import load_spec
+from ldm.repro.table import comparable
+from ldm.util import instantiate_from_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "test" / "repro_tiny.yaml"
+
+
+def first_stage(key: str, root: Path) -> list[str]:
+    """A random tiny first stage as the tiny repro config builds it, and its caches: the overrides that name them."""
+    from ldm.data.cache import cache_split
+
+    fs = load_spec(TINY).first_stages[key]
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / fs.config), OmegaConf.from_dotlist(fs.overrides))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model = instantiate_from_config(config["model"], key="model")
+    ckpt = root / f"{key}.ckpt"
+    torch.save({"state_dict": model.state_dict(), "config": config, "global_step": 0}, ckpt)
+    for split in ("train", "validation", "test"):
+        cache_split(ckpt, split, root / "cache" / key / split, progress=False)
+    return [f"first_stages.{key}.checkpoint={ckpt}", f"first_stages.{key}.cache={root / 'cache' / key}",
+            f"first_stages.{key}.train=null"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("first_stages")
+    return first_stage("vq", root) + first_stage("kl", root)
+
+
+def command(out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "reproduce.py"), str(TINY), "--out", str(out / "results"),
+            "--logdir", str(out / "logs"), *args]
+
+
+def reproduce(out: Path, *args: str) -> str:
+    done = subprocess.run(command(out, *args), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def table(out: Path) -> dict:
+    return json.loads((out / "results" / "table.json").read_text())
+
+
+ABSORBING = ["--only", "absorbing", "evaluation.floor=false"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, stages) -> Path:
+    """One uninterrupted run of the absorbing prior, timed."""
+    out = tmp_path_factory.mktemp("baseline")
+    t0 = time.time()
+    reproduce(out, *ABSORBING, *stages)
+    print(f"\nreproduce.py, tiny absorbing prior: {time.time() - t0:.1f} s")
+    return out
+
+
+def test_one_command_writes_the_table(baseline):
+    t = table(baseline)
+    assert [r["kind"] for r in t["rows"]] == ["reconstructions", "prior"]
+    row = t["rows"][1]
+    for column in ("FD_fmnist", "precision", "recall", "density", "coverage", "nll_bits", "conditional_accuracy",
+                   "conditional_accuracy_guided", "network_evaluations_per_sample", "seconds_per_sample"):
+        assert column in row, column
+    assert isinstance(row["nll_bits"], float) and row["training_steps"] == 24
+    assert [p["steps"] for p in t["sweeps"]["absorbing"]] == [2, 4]
+    results = baseline / "results"
+    md = (results / "table.md").read_text()
+    assert "| absorbing diffusion |" in md and "accuracy, guided" in md and "network evaluations / sample" in md
+    assert "<polyline" in (results / "fd_vs_seconds.svg").read_text()
+    assert (results / t["grids"]["absorbing"]).stat().st_size > 0
+    runs = list((baseline / "logs").glob("*_tiny_absorbing"))
+    assert len(runs) == 1 and read_checkpoint(runs[0] / "checkpoints" / "last.ckpt")["global_step"] == 24
+
+
+def test_a_finished_table_is_not_redone(baseline, stages):
+    before = (baseline / "results" / "table.json").read_text()
+    stdout = reproduce(baseline, *ABSORBING, *stages)
+    assert "ran 0 of 7 steps" in stdout, stdout
+    assert comparable(json.loads(before)) == comparable(table(baseline))
+
+
+def stop_when(out: Path, stages: list[str], ready, timeout: float = 300) -> int:
+    """Start the runner, send it SIGTERM once `ready()` holds, and return its exit status."""
+    proc = subprocess.Popen(command(out, *ABSORBING, *stages), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.stdout.read()}"
+            assert time.time() - t0 < timeout
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_stopped_during_training_and_evaluation_then_rerun_gives_the_same_table(baseline, stages, tmp_path):
+    out = tmp_path
+    last = out / "logs"
+
+    def checkpoint() -> Path | None:
+        found = list(last.glob("*_tiny_absorbing/checkpoints/last.ckpt"))
+        return found[0] if found else None
+
+    assert stop_when(out, stages, lambda: checkpoint() is not None) == 128 + signal.SIGTERM
+    step = read_checkpoint(checkpoint())["global_step"]
+    assert 0 < step < 24, f"stopped at step {step}: not during the training"
+
+    samples = out / "results" / "eval" / "absorbing.samples"
+    assert stop_when(out, stages, lambda: any(samples.glob("*/batch-*.pt"))) == 128 + signal.SIGTERM
+    main = out / "results" / "eval" / "absorbing.json"
+    assert not main.exists() or len(json.loads(main.read_text())["rows"]) < 2, "not stopped during the evaluation"
+    kept = len(list(samples.glob("*/batch-*.pt")))
+
+    stdout = reproduce(out, *ABSORBING, *stages)
+    assert "ran 3 of 7 steps" in stdout, stdout
+    assert kept >= 1
+    assert len(list(last.glob("*_tiny_absorbing"))) == 1, "the training was not continued in its run folder"
+    assert comparable(table(out)) == comparable(table(baseline))
+
+
+@pytest.mark.slow
+def test_every_prior_on_its_first_stage(stages, tmp_path):
+    reproduce(tmp_path, "evaluation.sweep_samples=8", *stages)
+    t = table(tmp_path)
+    assert [r["row"] for r in t["rows"]] == [
+        "data: test split, one half against the other", "data: test split against train", "VQ (tiny): reconstructions",
+        "KL (tiny): reconstructions", "absorbing diffusion", "SUNDAE", "ImageBART", "latent diffusion"]
+    rows = {r.get("prior"): r for r in t["rows"]}
+    assert rows["sundae"]["nll_bits"] == "n/a" and isinstance(rows["imagebart"]["nll_bits"], float)
+    assert set(t["sweeps"]) == {"absorbing", "sundae", "imagebart", "ldm"} and len(t["sweeps"]["imagebart"]) == 1
+    assert set(t["grids"]) == set(t["sweeps"])
