@@ -34,7 +34,7 @@ class FirstStage:
     `<logdir>/<time>_<run_name>`) and copied there; its latents cached under `cache/<split>`."""
 
     key: str
-    config: str
+    config: str = ""  # needed to train it; a first stage given by `checkpoint` alone is never trained
     label: str = ""
     run_name: str = ""
     checkpoint: str | None = None
@@ -42,6 +42,7 @@ class FirstStage:
     kind: str | None = None
     train: Training | None = None
     overrides: list[str] = field(default_factory=list)
+    cached: bool = True  # priors train on its latent cache (False: on their own data config, encoding as they go)
     cache_minutes: float = 2.0
 
 
@@ -61,6 +62,7 @@ class Prior:
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # e.g. {steps: [8, 16, 32, 64]}: the cost curve
     elbo: bool = True  # score the likelihood (off for a prior without one)
     sampler: dict[str, Any] = field(default_factory=dict)  # sampler settings of every row, e.g. {temperature: 1.0}
+    data: dict[str, Any] = field(default_factory=dict)  # data splits replacing the config's ({split: {target, params}})
     evaluate_minutes: float = 5.0
 
 
@@ -93,6 +95,8 @@ class Spec:
     out: str = "results"
     title: str = ""
     reported: dict[str, Any] = field(default_factory=dict)  # a paper's numbers, shown beside ours
+    train_args: list[str] = field(default_factory=list)  # more main.py flags for every training, e.g. [--gpus, "0,"]
+    cache_device: str = "cpu"  # where cache_latents.py encodes
     source: str = ""  # the file it was read from
 
 
@@ -146,6 +150,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
         fs = _build(FirstStage, node, f"first_stages.{k}", key=k, train=train)
         if not fs.checkpoint and not train:
             raise ConfigError(f"first_stages.{k}", "needs a checkpoint, a train budget, or both")
+        if train and not fs.config:
+            raise ConfigError(f"first_stages.{k}.config", "missing: a first stage with a train budget needs its config")
         first_stages[k] = fs
     built = {}
     for k, node in priors.items():

@@ -221,9 +221,11 @@ class Plan:
         cfg = self._budgeted(prior.config, prior.overrides, prior.train)
         fs_ckpt = self._require(self.first_stage_checkpoint(fs), f"the first stage {fs.key}")
         cfg.model.params.first_stage_config.params.ckpt_path = str(fs_ckpt)
-        for split in CACHE_SPLITS:
+        for split in CACHE_SPLITS if fs.cached else ():
             cfg.data.params[split] = {"target": "ldm.data.cache.LatentCache",
                                       "params": {"root": str(self.cache_dir(fs) / split)}}
+        for split, node in prior.data.items():
+            cfg.data.params[split] = node
         return self._write_config(prior.key, cfg)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -236,8 +238,9 @@ class Plan:
             s = status()
             if s.run is not None:  # continue it exactly, to the budget
                 return python("main", "-r", s.run, "-t", "--no-test", "--max_steps", budget.max_steps,
-                              "lightning.trainer.max_time=null")
-            return python("main", "--base", make_config(), "-t", "--no-test", "-n", run_name, "-l", self.logdir)
+                              *self.spec.train_args, "lightning.trainer.max_time=null")
+            return python("main", "--base", make_config(), "-t", "--no-test", "-n", run_name, "-l", self.logdir,
+                          *self.spec.train_args)
 
         def estimate() -> float:
             s = status()
@@ -245,7 +248,8 @@ class Plan:
 
         def detail() -> str:
             s = status()
-            where = f"resuming {s.run} at step {s.step}" if s.run else "a new run"
+            where = (f"continuing {s.run} after {s.holder}" if s.holder else
+                     f"resuming {s.run} at step {s.step}" if s.run else "a new run")
             return f"{budget.max_steps} steps ({where})"
 
         return Step(f"train/{key}", subject, "training", estimate, done, command,
@@ -280,7 +284,7 @@ class Plan:
 
             steps.append(self.train_step(fs.key, fs.label, fs.run_name, fs.train, make_config,
                                          lambda fs=fs: self.first_stage_checkpoint(fs) is not None))
-        for split in CACHE_SPLITS:
+        for split in CACHE_SPLITS if fs.cached else ():
             steps.append(self.cache_step(fs, split))
         return steps
 
@@ -300,7 +304,8 @@ class Plan:
         def command() -> list[str]:
             ckpt = self._require(self.first_stage_checkpoint(fs), f"the first stage {fs.key}")
             kind = ["--kind", fs.kind] if fs.kind else []
-            return python("cache_latents", "-r", ckpt, "--split", split, "--out", out, *kind)
+            return python("cache_latents", "-r", ckpt, "--split", split, "--out", out, "--device",
+                          self.spec.cache_device, *kind)
 
         return Step(f"cache/{fs.key}/{split}", fs.label, f"caching the {split} split",
                     lambda: fs.cache_minutes * 60, done, command)

@@ -17,7 +17,7 @@ COLUMNS = [("FD_fmnist", "FD_fmnist"), ("FID", "FID"), ("precision", "precision"
            ("density", "density"), ("coverage", "coverage"), ("nll_bits", "NLL"),
            ("conditional_accuracy", "accuracy"), ("conditional_accuracy_guided", "accuracy, guided"),
            ("network_evaluations_per_sample", "network evaluations / sample"),
-           ("seconds_per_sample", "seconds / sample")]
+           ("seconds_per_sample", "seconds / sample"), ("training_steps", "training steps")]
 TIMING_KEYS = ("seconds", "seconds_per_sample", "peak_memory_mb", "peak_memory_mb_per_sample", "timing")
 
 
@@ -57,9 +57,10 @@ def build_table(plan: Plan) -> dict[str, Any]:
         if not main or not main.get("rows"):
             continue
         first = main["rows"][0]
+        ckpt = plan.prior_checkpoint(prior)
         row = {"row": prior.label, "kind": "prior", "prior": key, "first_stage": prior.first_stage,
-               "checkpoint": str(plan.prior_checkpoint(prior)), "num_samples": main.get("num_samples"),
-               "training_steps": prior.train.max_steps if prior.train else None, **first}
+               "checkpoint": str(ckpt), "num_samples": main.get("num_samples"),
+               "training_steps": plan.state.global_step(ckpt) if ckpt else None, **first}
         if prior.guidance_scale is not None and len(main["rows"]) > 1:
             guided = main["rows"][1]
             row.update(conditional_accuracy_guided=guided.get("conditional_accuracy"), guided=guided)
