@@ -37,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The flags, and the dotted `key=value` overrides of the config after them."""
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are written key=value)")
+    return args, overrides
+
+
 def only(spec: Any, keys: list[str]) -> Any:
     """The spec restricted to some priors and the first stages they are trained on."""
     unknown = [k for k in keys if k not in spec.priors]
@@ -49,7 +59,7 @@ def only(spec: Any, keys: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
+    args, overrides = parse_args(argv)
     from ldm.repro.runner import Interrupted, Runner
     from ldm.repro.spec import load_spec
     from ldm.repro.steps import Plan

@@ -160,3 +160,16 @@ def test_every_prior_on_its_first_stage(stages, tmp_path):
     assert rows["sundae"]["nll_bits"] == "n/a" and isinstance(rows["imagebart"]["nll_bits"], float)
     assert set(t["sweeps"]) == {"absorbing", "sundae", "imagebart", "ldm"} and len(t["sweeps"]["imagebart"]) == 1
     assert set(t["grids"]) == set(t["sweeps"])
+
+
+def test_a_misspelt_flag_is_refused_not_taken_for_an_override(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    args, overrides = reproduce.parse_args([str(TINY), "--only", "absorbing", "evaluation.num_samples=8"])
+    assert args.only == "absorbing" and overrides == ["evaluation.num_samples=8"]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args([str(TINY), "--table_only"])
+    assert "unrecognized arguments: --table_only (config overrides are written key=value)" in capsys.readouterr().err
