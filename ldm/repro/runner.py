@@ -68,6 +68,10 @@ class Progress:
         self.stream.write(text + "\n")
         self.stream.flush()
 
+    def due(self) -> bool:
+        """Whether `status` would print now (always on a terminal)."""
+        return self.tty or time.monotonic() - self._last >= self.every
+
     def status(self, index: int, step: Step, began: float, left_s: float, note: str = "") -> None:
         now = time.monotonic()
         in_stage = now - began
@@ -81,6 +85,41 @@ class Progress:
         else:
             return
         self._last = now
+
+
+class UnitRate:
+    """A running step's own progress (training steps from its metrics log): the time left at the rate
+    measured since the runner first saw it move, and a note such as "step 412 of 2600, 1.43 s each"."""
+
+    def __init__(self, units: Callable[[], tuple[int, int] | None]):
+        self.units = units
+        self.first: tuple[float, int] | None = None
+        self.last: tuple[float, int, int] | None = None
+
+    def _read(self) -> None:
+        now = self.units()
+        if now is None:
+            return
+        done, total = now
+        if self.first is None:
+            self.first = (time.monotonic(), done)
+        self.last = (time.monotonic(), done, total)
+
+    def seconds_per_unit(self) -> float | None:
+        if self.first is None or self.last is None or self.last[1] <= self.first[1]:
+            return None
+        return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+
+    def left(self) -> float | None:
+        self._read()
+        per = self.seconds_per_unit()
+        return None if per is None else max(0, self.last[2] - self.last[1]) * per
+
+    def note(self) -> str:
+        if self.last is None:
+            return ""
+        per = self.seconds_per_unit()
+        return f"step {self.last[1]} of {self.last[2]}" + (f", {per:.2f} s each" if per is not None else "")
 
 
 @dataclass
@@ -155,8 +194,13 @@ class Runner:
                 self.on_start(step, self.child)
             if self.stop_signal is not None:  # a signal that came while the step was being started
                 self._handle(self.stop_signal, None)
+            rate = UnitRate(step.units)
             while (code := self.child.poll()) is None:
-                progress.status(index, step, began, max(0.0, estimate - (time.monotonic() - began)) + left_after)
+                if progress.due():
+                    left, note = rate.left(), rate.note()
+                    if left is None:
+                        left = max(0.0, estimate - (time.monotonic() - began))
+                    progress.status(index, step, began, left + left_after, note)
                 time.sleep(self.poll_s)
         self.child = None
         seconds = time.monotonic() - began

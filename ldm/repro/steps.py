@@ -106,6 +106,28 @@ def find_runs(logdir: str | Path, run_name: str) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def logged_step(run: Path) -> int | None:
+    """The newest training step in a run's `csv/metrics.csv` (written as training goes, unlike `last.ckpt`),
+    or None before its first row."""
+    path = run / "csv" / "metrics.csv"
+    try:
+        with open(path, "rb") as f:
+            header = f.readline().decode().strip().split(",")
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            # whole rows only: the first line read is the header or cut by the seek, the last one unended
+            rows = f.read().decode(errors="replace").split("\n")[1:-1]
+    except OSError:
+        return None
+    if "step" not in header:
+        return None
+    column = header.index("step")
+    for row in reversed(rows):
+        cells = row.split(",")
+        if len(cells) > column and cells[column].isdigit():
+            return int(cells[column])
+    return None
+
+
 @dataclass
 class TrainingStatus:
     run: Path | None  # the newest run folder with a last.ckpt
@@ -131,6 +153,7 @@ class Step:
     finish: Callable[[float], None] = lambda seconds: None
     busy: Callable[[], str | None] = lambda: None  # a process whose work this step must wait for
     detail: Callable[[], str] = lambda: ""
+    units: Callable[[], tuple[int, int] | None] = lambda: None  # (done, total) while it runs, where known
 
     @property
     def log_name(self) -> str:
@@ -252,8 +275,13 @@ class Plan:
                      f"resuming {s.run} at step {s.step}" if s.run else "a new run")
             return f"{budget.max_steps} steps ({where})"
 
+        def units() -> tuple[int, int] | None:
+            runs = find_runs(self.logdir, run_name)
+            step = logged_step(runs[-1]) if runs else None
+            return None if step is None else (step + 1, budget.max_steps)
+
         return Step(f"train/{key}", subject, "training", estimate, done, command,
-                    busy=lambda: status().holder, detail=detail)
+                    busy=lambda: status().holder, detail=detail, units=units)
 
     def recorded_step(self, step_id: str, subject: str, stage: str, estimate_s: float,
                       command: Callable[[], list[str]], inputs: Callable[[], list[Path | None]],
