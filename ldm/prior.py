@@ -406,10 +406,13 @@ class LatentPrior(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._scale_known = True
 
+    def training_loss(self, batch: Mapping[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The loss of one training batch (cached latents or images), conditioning dropped for guidance."""
+        cond = self.conditioner.drop(self.get_cond(batch), self.cond_drop_prob, generator=generator)
+        return self.compute_loss(self.get_latents(batch, generator=generator), cond, generator=generator)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        g = self.training_generator(batch_idx)
-        cond = self.conditioner.drop(self.get_cond(batch), self.cond_drop_prob, generator=g)
-        loss, logs = self.compute_loss(self.get_latents(batch, generator=g), cond, generator=g)
+        loss, logs = self.training_loss(batch, self.training_generator(batch_idx))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         return loss

@@ -9,6 +9,8 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
     python scripts/benchmark.py --config configs/sundae/ffhq1024.yaml --one-step --batch 1  # builds and runs
     python scripts/benchmark.py --config configs/imagebart/fmnist.yaml --compare-cache --batch 8 \
         model.params.latent_shape=[16,16]    # 256 tokens: cached against uncached decoding
+    python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --training 20   # cache vs on the fly
+    python scripts/benchmark.py --config configs/absorbing/fmnist.yaml --cost-table 64,256,1024,4096 --batch 4
 
 Both timings come from one run, interleaved, so the ratio holds on any machine: where one bare forward
 stands for one sampling step, one is timed after every step (in the sampler's callback) and each step is
@@ -24,6 +26,7 @@ autograd keeps and, on CUDA, the peak memory, with their ratios (`sundae.cost`).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -66,13 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cost-lengths", default=None,
                    help="comma-separated sequence lengths: compare the hourglass network with a plain transformer")
-    p.add_argument("--device", default=None, help="device for --cost-lengths (default: the prior's)")
+    p.add_argument("--cost-table", default=None, metavar="LENGTHS",
+                   help="comma-separated token counts (square maps), e.g. 64,256,1024,4096: forward + backward time "
+                        "and activation memory of the prior's training loss, rebuilt with random weights at each")
+    p.add_argument("--device", default=None, help="device for --cost-lengths and --cost-table (default: the prior's)")
     p.add_argument("--compare-cache", action="store_true",
                    help="time sampling with the key/value cache against without it (priors with a use_cache "
                         "option), and check both give the same samples")
     p.add_argument("--one-step", action="store_true",
                    help="build the prior (random weights with --config) and run one training step and one "
                         "sampling step at --batch on random latents of its shape: time and peak memory")
+    p.add_argument("--training", type=int, default=None, metavar="STEPS",
+                   help="time STEPS training steps fed from the prior's latent cache against as many fed the images "
+                        "the cache was built from (encoded on the fly), interleaved: images/s and tokens/s of each")
     p.add_argument("--out", default=None, help="write the result as JSON (and a markdown table beside it, .md)")
     p.add_argument("--compare", default=None, metavar="OLD.json",
                    help="an earlier --out of this script: print this run's figures over its")
@@ -81,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_lengths(text: str) -> list[int]:
+def parse_lengths(text: str, flag: str = "--cost-lengths") -> list[int]:
     try:
         lengths = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--cost-lengths takes comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
     for n in lengths:
-        at_least("--cost-lengths", n)
+        at_least(flag, n)
     return lengths
 
 
@@ -109,17 +118,56 @@ def hourglass_cost(prior, args: argparse.Namespace) -> int:
     return 0
 
 
+def cost_table(prior, config: dict, args: argparse.Namespace) -> int:
+    """--cost-table: the prior's whole training loss (every network it trains) at each token count, rebuilt
+    with random weights at that latent size: forward + backward seconds, activations, CUDA peak."""
+    from ldm.throughput import training_cost
+    from sundae.cost import square_grid
+
+    lengths = parse_lengths(args.cost_table, "--cost-table")
+    grids = [square_grid(n, "--cost-table") for n in lengths]  # every length, before the first timing
+    device = torch.device(args.device or prior.device)
+    rows = []
+    for n, grid in zip(lengths, grids):
+        model_cfg = copy.deepcopy(config["model"])
+        model_cfg.setdefault("params", {})["latent_shape"] = [*prior.latent_shape[:-2], *grid]
+        torch.manual_seed(0)
+        try:
+            sized = instantiate_from_config(_without_ckpt_paths(model_cfg), key="model")
+        except ValueError as e:
+            raise ValueError(f"--cost-table {n}: {type(prior).__name__} cannot be built at {grid[0]}x{grid[1]} "
+                             f"tokens: {e}") from None
+        rows.append(training_cost(sized.to(device), args.batch, args.repeats))
+        print(json.dumps(rows[-1]))
+        del sized
+    result = {"prior": type(prior).__name__, "rows": rows, "environment": environment(prior)}
+    result["environment"]["device"] = str(device)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        head = ["| tokens | latent shape | batch | parameters | forward + backward (s) | activations (MiB) |"
+                + (" CUDA peak (MiB) |" if device.type == "cuda" else ""), "|---" * (7 if device.type == "cuda" else 6)
+                + "|"]
+        body = [f"| {r['tokens']} | {'x'.join(map(str, r['latent_shape']))} | {r['batch']} | {r['parameters']:,} | "
+                f"{r['forward_backward_s']:.4g} | {r['activation_bytes'] / 2**20:.1f} |"
+                + (f" {r['cuda_peak_bytes'] / 2**20:.1f} |" if "cuda_peak_bytes" in r else "") for r in rows]
+        out.with_suffix(".md").write_text("\n".join(head + body) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def one_step(prior, args: argparse.Namespace) -> int:
     """One optimizer step on random latents of the prior's shape, then one sampling step, at --batch: that a
     configuration builds and runs at all on this machine, with its times and the process's peak memory."""
     import resource
 
+    from ldm.throughput import random_latents
+
     n = args.batch
     g = torch.Generator(device=prior.device).manual_seed(0)
-    if prior.latent_kind == "tokens":
-        latents = torch.randint(0, prior.codebook_size, (n, *prior.latent_shape[-2:]), generator=g, device=prior.device)
-    else:
-        latents = torch.randn((n, *prior.latent_shape), generator=g, device=prior.device)
+    latents = random_latents(prior, n, g)
     cond = prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
     prior.train()
     optimizer = torch.optim.AdamW(prior.trained_parameters(), lr=1e-4)
@@ -168,6 +216,29 @@ def cache_comparison(prior, args: argparse.Namespace, options: dict) -> int:
     return 0
 
 
+def training_comparison(prior, config: dict, args: argparse.Namespace) -> int:
+    """--training: steps fed from the latent cache against steps that encode the cache's images on the fly."""
+    from ldm.metrics.eval_data import image_split
+    from ldm.throughput import training_throughput
+
+    train = ((config.get("data") or {}).get("params") or {}).get("train")
+    if not train or not hasattr(get_obj_from_str(train.get("target"), key="data.params.train.target"),
+                                "image_dataset_config"):
+        raise ValueError("--training compares training from a latent cache with encoding images on the fly; this "
+                         f"prior's data.params.train is {(train or {}).get('target', 'missing')}, not a latent cache")
+    cache = instantiate_from_config(train, key="data.params.train")
+    images, source = image_split(config, "train")
+    result = training_throughput(prior, {"cache": cache, "pixels": images}, args.batch, args.training)
+    result["pixels_from"] = source
+    for name in ("cache", "pixels"):
+        for key, value in result[name].items():
+            result[f"{name}_{key}"] = value
+    result["cache_over_pixels"] = result["cache_images_per_s"] / result["pixels_images_per_s"]
+    result["environment"] = environment(prior)
+    report(result, args, TRAINING_FIGURES)
+    return 0
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -180,21 +251,28 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--compare: cannot read {args.compare} as an earlier benchmark result ({e})") from None
     for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
         at_least(flag, value)
-    if args.steps is not None:
-        at_least("--steps", args.steps)
+    for flag, value in (("--steps", args.steps), ("--training", args.training)):
+        if value is not None:
+            at_least(flag, value)
     at_least("--threads", args.threads, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
     is_prior = needs("prior", "benchmark.py")
     if args.resume:
-        prior, _ = instantiate_from_checkpoint(args.resume, check_class=is_prior)
+        prior, config = instantiate_from_checkpoint(args.resume, check_class=is_prior)
     else:
-        cfg = OmegaConf.to_container(load_config([args.config], args.overrides).model, resolve=True)
-        is_prior(get_obj_from_str(cfg.get("target"), key="model.target"))
-        prior = instantiate_from_config(_without_ckpt_paths(cfg), key="model").eval()
+        config = OmegaConf.to_container(load_config([args.config], args.overrides), resolve=True)
+        is_prior(get_obj_from_str(config["model"].get("target"), key="model.target"))
+        prior = instantiate_from_config(_without_ckpt_paths(config["model"]), key="model").eval()
+    if args.training is not None:
+        with torch.enable_grad():
+            return training_comparison(prior, config, args)
     if args.cost_lengths is not None:
         with torch.enable_grad():
             return hourglass_cost(prior, args)
+    if args.cost_table is not None:
+        with torch.enable_grad():
+            return cost_table(prior, config, args)
     if args.one_step:
         with torch.enable_grad():
             return one_step(prior, args)
@@ -286,9 +364,11 @@ def environment(prior) -> dict:
 
 
 FIGURES = ("forward_s", "step_s", "step_over_forward", "images_per_s")
+TRAINING_FIGURES = ("cache_images_per_s", "pixels_images_per_s", "cache_tokens_per_s", "pixels_tokens_per_s",
+                    "cache_over_pixels")
 
 
-def report(result: dict, args: argparse.Namespace) -> None:
+def report(result: dict, args: argparse.Namespace, figures: tuple[str, ...] = FIGURES) -> None:
     """Print the result; with --out write it (JSON and a markdown table); with --compare print the ratios of its
     figures to an earlier run's."""
     print(json.dumps(result, indent=2))
@@ -296,9 +376,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        rows = [(k, f"{result[k]:.4g}") for k in FIGURES] + [("batch", result["batch"]),
-                                                             ("steps run", result["steps_run"]),
-                                                             ("guidance", result["guidance"])]
+        rows = [(k, f"{result[k]:.4g}") for k in figures]
+        rows += [(k, result[k]) for k in ("batch", "steps_run", "guidance", "steps") if k in result]
         rows += [(k, v) for k, v in result["environment"].items()]
         table = ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
         out.with_suffix(".md").write_text("\n".join(table) + "\n")
@@ -306,7 +385,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
     if args.compare:
         old = json.loads(Path(args.compare).read_text())
         print(f"against {args.compare}:")
-        for key in FIGURES:
+        for key in figures:
             if isinstance(old.get(key), (int, float)) and old[key]:
                 print(f"  {key}: {result[key] / old[key]:.3f} x ({result[key]:.4g} against {old[key]:.4g})")
 

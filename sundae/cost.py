@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ldm.throughput import activation_bytes, cuda_peak_bytes, timed_backward
 from ldm.util import ConfigError
 from sundae.hourglass import (
     HourglassTransformer,
@@ -30,10 +30,10 @@ from sundae.hourglass import (
 )
 
 
-def square_grid(length: int) -> tuple[int, int]:
+def square_grid(length: int, flag: str = "--cost-lengths") -> tuple[int, int]:
     side = math.isqrt(length)
     if length < 1 or side * side != length:
-        raise ValueError(f"--cost-lengths: {length} tokens are not a square map; give square numbers (256 = 16x16)")
+        raise ValueError(f"{flag}: {length} tokens are not a square map; give square numbers (256 = 16x16)")
     return side, side
 
 
@@ -48,46 +48,8 @@ def check_lengths(hparams: dict[str, Any], lengths: Sequence[int]) -> None:
             raise ValueError(f"--cost-lengths {n}: {e}") from None
 
 
-def _activation_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves while `fn()` runs its forward pass."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
-    loss.backward()
-    return sum(seen.values())
-
-
 def _loss(model: HourglassTransformer, x: torch.Tensor, cond: torch.Tensor | None, target: torch.Tensor):
     return lambda: F.cross_entropy(model(x, cond).float().transpose(1, 2), target)
-
-
-def _timed(fn, model: HourglassTransformer, device: torch.device) -> float:
-    """Seconds of one forward + backward."""
-    model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn().backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def _cuda_peak(fn, model: HourglassTransformer, device: torch.device) -> int:
-    """Peak bytes the CUDA allocator held above the weights during one forward + backward."""
-    model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn().backward()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 def compare_with_plain(net: HourglassTransformer, lengths: Sequence[int], batch: int = 8, repeats: int = 3,
@@ -111,15 +73,15 @@ def compare_with_plain(net: HourglassTransformer, lengths: Sequence[int], batch:
 
         row: dict[str, Any] = {"length": n, "grid": list(grid), "batch": batch}
         for name, model in nets.items():
-            _timed(loss[name], model, device)  # warm-up
+            timed_backward(loss[name], model, device)  # warm-up
             row[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-            row[f"{name}_activation_bytes"] = _activation_bytes(loss[name])
+            row[f"{name}_activation_bytes"] = activation_bytes(loss[name])
             if device.type == "cuda":
-                row[f"{name}_cuda_peak_bytes"] = _cuda_peak(loss[name], model, device)
+                row[f"{name}_cuda_peak_bytes"] = cuda_peak_bytes(loss[name], model, device)
         times: dict[str, list[float]] = {name: [] for name in nets}
         for _ in range(repeats):  # interleaved, so drift on a shared machine affects both
             for name, model in nets.items():
-                times[name].append(_timed(loss[name], model, device))
+                times[name].append(timed_backward(loss[name], model, device))
         for name in nets:
             row[f"{name}_s"] = statistics.median(times[name])
         row["time_ratio"] = row["hourglass_s"] / row["plain_s"]

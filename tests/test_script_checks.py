@@ -226,6 +226,56 @@ def test_benchmark_one_step_trains_and_samples_a_config(config, capsys):
     assert result["sample_shape"][0] == 1 and result["train_step_s"] > 0 and result["peak_rss_gib"] > 0
 
 
+def test_benchmark_times_training_from_the_cache_and_from_its_images(tmp_path, capsys):
+    """--training: steps fed from a latent cache and steps that encode the images it was built from, both run;
+    a prior that trains from images has no cache to compare and is told so."""
+    from ldm.data.cache import build_cache, first_stage_fingerprint
+
+    images = {"target": "tests.toy.ToyImages", "params": {"n": 8, "size": 16}}
+    plain = save_checkpoint("absorbing.yaml", tmp_path / "plain.ckpt")
+    config = torch.load(plain, weights_only=False)["config"]
+    prior = instantiate_from_config(config["model"], key="model")
+    fs = prior.first_stage_model
+    build_cache(fs, instantiate_from_config(images), tmp_path / "cache", first_stage_fingerprint(fs),
+                progress=False, extra_meta={"dataset": images})
+    config["data"]["params"]["train"] = {"target": "ldm.data.cache.LatentCache",
+                                         "params": {"root": str(tmp_path / "cache")}}
+    cached = tmp_path / "cached.ckpt"
+    torch.save({"state_dict": prior.state_dict(), "config": config}, cached)
+    out = tmp_path / "bench" / "training.json"
+    assert run(lambda: load("benchmark").main(["-r", str(cached), "--training", "2", "--batch", "4",
+                                               "--out", str(out)])) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["tokens_per_image"] == 64 and result["pixels_from"].startswith(
+        "the images the latent cache")
+    for name in ("cache", "pixels"):
+        assert result[f"{name}_images_per_s"] > 0
+        assert result[f"{name}_tokens_per_s"] == pytest.approx(64 * result[f"{name}_images_per_s"])
+    assert result["cache_over_pixels"] == pytest.approx(result["cache_images_per_s"] / result["pixels_images_per_s"])
+    assert "| cache_over_pixels |" in out.with_suffix(".md").read_text()
+    assert refused("benchmark", ["-r", plain, "--training", "2"], tmp_path / "bench", capsys) == (
+        "--training compares training from a latent cache with encoding images on the fly; this prior's "
+        "data.params.train is ldm.data.fmnist.FashionMNIST, not a latent cache")
+    assert refused("benchmark", ["-r", str(cached), "--training", "0"], tmp_path / "bench", capsys) == \
+        "--training must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("config", ["absorbing.yaml", "imagebart.yaml"])
+def test_benchmark_cost_table_rebuilds_the_prior_at_each_size(config, tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    argv = ["--config", str(CONFIGS / config), "--cost-table", "16,64", "--batch", "2", "--repeats", "1"]
+    assert run(lambda: load("benchmark").main([*argv, "--out", str(out)])) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [16, 64] and [r["latent_shape"] for r in rows] == [[4, 4], [8, 8]]
+    assert all(r["forward_backward_s"] > 0 for r in rows)
+    assert rows[1]["activation_bytes"] > rows[0]["activation_bytes"]  # more tokens, more kept for backward
+    assert out.with_suffix(".md").read_text().splitlines()[2].startswith("| 16 | 4x4 | 2 |")
+    assert refused("benchmark", [*argv[:3], "15"], tmp_path, capsys) == \
+        "--cost-table: 15 tokens are not a square map; give square numbers (256 = 16x16)"
+    assert refused("benchmark", [*argv[:3], "64,x"], tmp_path, capsys) == \
+        "--cost-table takes comma-separated integers, got '64,x'"
+
+
 def test_benchmark_refuses_options_the_prior_lacks(ckpts, tmp_path, capsys):
     assert refused("benchmark", ["-r", ckpts["prior"], "--compare-cache"], tmp_path, capsys) == \
         "--compare-cache: AbsorbingPrior has no use_cache option"

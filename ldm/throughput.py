@@ -1,0 +1,136 @@
+"""Training throughput of a prior: optimizer steps fed from its latent cache against the same steps fed the
+images the cache was built from, which the frozen first stage encodes on the fly (training without a cache).
+
+The two are interleaved step by step, so drift of the machine's speed affects both alike; a step's time
+includes fetching its batch (data loading is part of what the cache saves). The weights change as they would
+in training; a benchmark never saves them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.data.skipped import collate_good
+
+
+def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd saves while `fn()` runs its forward pass (any device)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    loss.backward()
+    return sum(seen.values())
+
+
+def timed_backward(fn: Callable[[], torch.Tensor], model: nn.Module, device: torch.device) -> float:
+    """Seconds of one forward + backward of the loss `fn()` returns."""
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def cuda_peak_bytes(fn: Callable[[], torch.Tensor], model: nn.Module, device: torch.device) -> int:
+    """Peak bytes the CUDA allocator held above the weights during one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn().backward()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def endless(dataset: Dataset, batch_size: int, seed: int = 0) -> Iterator[Any]:
+    """Shuffled batches as the training loader makes them (bad items dropped), epoch after epoch."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"a batch of {batch_size} needs at least as many items; the data set has {len(dataset)}")
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=g,
+                        collate_fn=collate_good)
+    while True:
+        for batch in loader:
+            if batch is not None:
+                yield batch
+
+
+def training_throughput(prior: Any, sources: Mapping[str, Dataset], batch_size: int, steps: int,
+                        warmup: int = 2, lr: float = 1e-4) -> dict[str, Any]:
+    """Median seconds per optimizer step (batch fetch, loss, backward, AdamW) for each data source, and the
+    images and latent tokens (positions of the latent grid) per second that makes."""
+    prior.train()
+    optimizer = torch.optim.AdamW(prior.trained_parameters(), lr=lr)
+    generator = torch.Generator(device=prior.device).manual_seed(0)
+    feeds = {name: endless(dataset, batch_size) for name, dataset in sources.items()}
+    times: dict[str, list[float]] = {name: [] for name in sources}
+
+    def step(name: str) -> float:
+        t0 = time.perf_counter()
+        batch = next(feeds[name])
+        loss, _ = prior.training_loss(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for name in sources:
+            step(name)
+    for _ in range(steps):
+        for name in sources:
+            times[name].append(step(name))
+    prior.eval()
+    tokens = math.prod(prior.latent_shape[-2:])
+    result: dict[str, Any] = {"batch": batch_size, "steps": steps, "tokens_per_image": tokens}
+    for name, ts in times.items():
+        per_step = statistics.median(ts)
+        result[name] = {"step_s": per_step, "images_per_s": batch_size / per_step,
+                        "tokens_per_s": batch_size * tokens / per_step}
+    return result
+
+
+def random_latents(prior: Any, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` latents of the prior's kind and shape: uniform codes, or standard normal values."""
+    if prior.latent_kind == "tokens":
+        return torch.randint(0, prior.codebook_size, (n, *prior.latent_shape[-2:]), generator=generator,
+                             device=generator.device).to(prior.device)
+    return torch.randn((n, *prior.latent_shape), generator=generator, device=generator.device).to(prior.device)
+
+
+def training_cost(prior: Any, batch: int, repeats: int = 3) -> dict[str, Any]:
+    """Forward + backward of one training loss on random latents at the prior's latent shape: median seconds,
+    the activations autograd keeps and, on CUDA, the allocator's peak above the weights."""
+    device = torch.device(prior.device)
+    prior.train()
+    latents = random_latents(prior, batch, torch.Generator(device=device).manual_seed(0))
+    cond = prior.user_cond((torch.arange(batch) % prior.num_classes).tolist() if prior.num_classes else None, batch)
+
+    def loss() -> torch.Tensor:
+        return prior.compute_loss(latents, cond, generator=torch.Generator(device=device).manual_seed(1))[0]
+
+    timed_backward(loss, prior, device)  # warm-up
+    row: dict[str, Any] = {"tokens": math.prod(prior.latent_shape[-2:]), "latent_shape": list(prior.latent_shape),
+                           "batch": batch, "parameters": sum(p.numel() for p in prior.trained_parameters()),
+                           "activation_bytes": activation_bytes(loss)}
+    if device.type == "cuda":
+        row["cuda_peak_bytes"] = cuda_peak_bytes(loss, prior, device)
+    row["forward_backward_s"] = statistics.median(timed_backward(loss, prior, device) for _ in range(repeats))
+    return row
