@@ -64,6 +64,8 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
     out = torch.empty_like(x_t)
     state = net.start(x_in, ts, labels)
     token = None
+    gen_device = generator.device if generator is not None else x_t.device
+    uniforms = torch.rand((n, b), generator=generator, device=gen_device).to(x_t.device)  # one per token drawn
     for i in range(n):
         if use_cache:
             logits = net.next_logits(state, token)
@@ -72,7 +74,7 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
             logits = net.prefix_logits(state, prefix)
         if guide:
             logits = guided(logits, guidance_scale)
-        drawn = sample_categorical(logits, temperature, top_k, top_p, generator).to(x_t.device)
+        drawn = sample_categorical(logits, temperature, top_k, top_p, u=uniforms[i]).to(x_t.device)
         if known is not None:
             drawn = torch.where(known[:, i], forced[:, i], drawn)
         out[:, i] = drawn

@@ -40,15 +40,19 @@ def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor) -> torch.Ten
 
 
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one index per row of `logits` (..., K); temperature 0 is argmax."""
+                       top_p: float | None = None, generator: torch.Generator | None = None,
+                       u: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one index per row of `logits` (..., K); temperature 0 is argmax. `u` (...), uniforms drawn
+    beforehand (a sampler drawing many rows one at a time draws them at once), replaces the generator."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    gen_device = generator.device if generator is not None else logits.device
-    u = torch.rand(logits.shape[:-1], generator=generator, device=gen_device).to(logits.device)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    if u is None:
+        gen_device = generator.device if generator is not None else logits.device
+        u = torch.rand(logits.shape[:-1], generator=generator, device=gen_device).to(logits.device)
     return categorical_from_uniform(logits, u)
 
 
