@@ -123,13 +123,22 @@ def prompt_choice(loaded: core.Loaded, slot: str, where: Any) -> str:
                                     if loaded.prompts else ""))
 
 
-def shows_unsupported(loaded: core.Loaded, where: Any) -> bool:
-    if loaded.cond_kind != "unsupported":
-        return False
-    where.warning(f"This prior is conditioned on {loaded.prior.conditioner.describe()}, which the apps do not ask "
-                  "for: a super-resolution stage is sampled through a cascade's sampling config "
-                  "(configs/ldm/fmnist_cascade.yaml), which gives it the stage below's output.")
-    return True
+def opened(source: str | None, device: str, where: Any) -> core.Loaded | None:
+    """The prior behind `source`, titled in `where`; None, with the reason shown there, when there is none
+    to use (nothing chosen, a checkpoint that failed to open, a conditioning the apps cannot give)."""
+    if source is None:
+        where.info("Choose a checkpoint or a sampling config in the sidebar.")
+        return None
+    loaded = open_prior(source, device, where)
+    if loaded is None:
+        return None
+    if loaded.cond_kind == "unsupported":
+        where.warning(f"This prior is conditioned on {loaded.prior.conditioner.describe()}, which the apps do not "
+                      "ask for: a super-resolution stage is sampled through a cascade's sampling config "
+                      "(configs/ldm/fmnist_cascade.yaml), which gives it the stage below's output.")
+        return None
+    where.subheader(loaded.title)
+    return loaded
 
 
 def downloads(result: Mapping[str, Any], slot: str, where: Any, stem: str) -> None:
@@ -180,13 +189,9 @@ def sample_page(argv: Sequence[str]) -> None:
     columns = st.columns(len(sources))
     shared: dict[str, Any] = {}
     for slot, source, column in zip(SLOTS, sources, columns):
-        if source is None:
-            column.info("Choose a checkpoint or a sampling config in the sidebar.")
+        loaded = opened(source, device, column)
+        if loaded is None:
             continue
-        loaded = open_prior(source, device, column)
-        if loaded is None or shows_unsupported(loaded, column):
-            continue
-        column.subheader(loaded.title)
         controls, shown = column.columns([2, 3])
         label, prompt = condition_controls(loaded, slot, controls, shared)
         with controls.expander("Sampler options", expanded=True):
@@ -259,13 +264,9 @@ def inpaint_page(argv: Sequence[str]) -> None:
                                           max_value=16, step=1, key="samples",
                                           help="completion k is drawn with seed + k"))
     pressed = st.sidebar.button("Inpaint", key="inpaint", type="primary")
-    if source is None:
-        st.info("Choose a checkpoint or a sampling config in the sidebar.")
+    loaded = opened(source, device, st)
+    if loaded is None:
         return
-    loaded = open_prior(source, device, st)
-    if loaded is None or shows_unsupported(loaded, st):
-        return
-    st.subheader(loaded.title)
     left, middle, right = st.columns([1, 1, 2])
     left.markdown("**Source image**")
     picked = source_images(loaded, left, source, device)
