@@ -115,13 +115,18 @@ def random_latents(prior: Any, n: int, generator: torch.Generator) -> torch.Tens
     return torch.randn((n, *prior.latent_shape), generator=generator, device=generator.device).to(prior.device)
 
 
+def classes_in_turn(prior: Any, n: int) -> Any:
+    """The prior's condition for `n` samples whose classes go 0, 1, 2, ... in turn (none if unconditional)."""
+    return prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
+
+
 def training_cost(prior: Any, batch: int, repeats: int = 3) -> dict[str, Any]:
     """Forward + backward of one training loss on random latents at the prior's latent shape: median seconds,
     the activations autograd keeps and, on CUDA, the allocator's peak above the weights."""
     device = torch.device(prior.device)
     prior.train()
     latents = random_latents(prior, batch, torch.Generator(device=device).manual_seed(0))
-    cond = prior.user_cond((torch.arange(batch) % prior.num_classes).tolist() if prior.num_classes else None, batch)
+    cond = classes_in_turn(prior, batch)
 
     def loss() -> torch.Tensor:
         return prior.compute_loss(latents, cond, generator=torch.Generator(device=device).manual_seed(1))[0]

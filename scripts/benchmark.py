@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, needs, output_path, run, sampler_kwargs  # noqa: E402
+from ldm.throughput import classes_in_turn  # noqa: E402
 from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
@@ -168,7 +169,7 @@ def one_step(prior, args: argparse.Namespace) -> int:
     n = args.batch
     g = torch.Generator(device=prior.device).manual_seed(0)
     latents = random_latents(prior, n, g)
-    cond = prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
+    cond = classes_in_turn(prior, n)
     prior.train()
     optimizer = torch.optim.AdamW(prior.trained_parameters(), lr=1e-4)
     t0 = time.perf_counter()
@@ -197,7 +198,7 @@ def cache_comparison(prior, args: argparse.Namespace, options: dict) -> int:
     """Sampling with the key/value cache against without it, interleaved, on the same seed: the speed-up and
     whether the samples are the same."""
     n = args.batch
-    cond = prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
+    cond = classes_in_turn(prior, n)
 
     def sampling(use_cache: int) -> torch.Tensor:
         generator = torch.Generator(device=prior.device).manual_seed(0)
