@@ -29,6 +29,7 @@ from ldm.data.cache import first_stage_fingerprint
 from ldm.distributed import draw_local, gather_global, step_generator
 from ldm.ema import EMA
 from ldm.masks import check_mask
+from ldm.optim import adamw
 from ldm.sampler_options import Mode, SamplerOptions
 from ldm.util import (
     ConfigError,
@@ -92,6 +93,8 @@ class LatentPrior(pl.LightningModule):
         warmup_start_lr: NonNegativeFloat = 0.0,
         lr_decay_steps: PositiveInt | None = None,
         min_lr: NonNegativeFloat = 0.0,
+        fused_optimizer: bool | None = None,
+        channels_last: bool = False,
         monitor: str | None = "val/loss",
         log_sample_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -107,6 +110,7 @@ class LatentPrior(pl.LightningModule):
         if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
             raise ConfigError("lr_decay_steps", f"must be after the warm-up ({warmup_steps} steps), got {lr_decay_steps}")
         self.warmup_start_lr, self.lr_decay_steps, self.min_lr = warmup_start_lr, lr_decay_steps, min_lr
+        self.fused_optimizer, self.channels_last = fused_optimizer, channels_last
         self.monitor = monitor
         self.log_sample_kwargs = dict(log_sample_kwargs or {})
         self.learning_rate = 1e-4  # main.py sets it from base_learning_rate
@@ -162,6 +166,8 @@ class LatentPrior(pl.LightningModule):
                 if ema is not None and not any(k.startswith(f"{name}_ema.") for k in state):
                     ema.reset_to(getattr(self, name))
             self.sync_ema_buffers()
+        if self.channels_last:  # 4-d weights (convolutions: UNet, first stage) stored NHWC; outputs follow them
+            self.to(memory_format=torch.channels_last)
         try:  # the config's sampling settings fail now, not at the first logged image
             self.check_sampler_options(self.log_sample_kwargs)
         except ValueError as e:
@@ -446,9 +452,14 @@ class LatentPrior(pl.LightningModule):
         params = [p for name in self.network_names for p in getattr(self, name).parameters()]
         return params + [p for p in self.conditioner.parameters() if p.requires_grad]
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trained parameters, as training and the training benchmarks step it: one fused kernel
+        where the parameters' device has one (`fused_optimizer`: None = where available)."""
+        return adamw(self.trained_parameters(), self.fused_optimizer, lr=self.learning_rate, betas=self.adam_betas,
+                     weight_decay=self.weight_decay)
+
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trained_parameters(), lr=self.learning_rate, betas=self.adam_betas,
-                                weight_decay=self.weight_decay)
+        opt = self.build_optimizer()
         if not self.warmup_steps and self.lr_decay_steps is None:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)

@@ -73,11 +73,11 @@ def endless(dataset: Dataset, batch_size: int, seed: int = 0) -> Iterator[Any]:
 
 
 def training_throughput(prior: Any, sources: Mapping[str, Dataset], batch_size: int, steps: int,
-                        warmup: int = 2, lr: float = 1e-4) -> dict[str, Any]:
-    """Median seconds per optimizer step (batch fetch, loss, backward, AdamW) for each data source, and the
-    images and latent tokens (positions of the latent grid) per second that makes."""
+                        warmup: int = 2) -> dict[str, Any]:
+    """Median seconds per optimizer step (batch fetch, loss, backward, the prior's own optimizer) for each data
+    source, and the images and latent tokens (positions of the latent grid) per second that makes."""
     prior.train()
-    optimizer = torch.optim.AdamW(prior.trained_parameters(), lr=lr)
+    optimizer = prior.build_optimizer()
     generator = torch.Generator(device=prior.device).manual_seed(0)
     feeds = {name: endless(dataset, batch_size) for name, dataset in sources.items()}
     times: dict[str, list[float]] = {name: [] for name in sources}

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,6 +424,9 @@ def train(argv: list[str] | None = None) -> int:
     callbacks = build_callbacks(paths, config, lightning_config, model, bool(paths.resume_ckpt), opt.seed, extra)
     trainer = pl.Trainer(**trainer_cfg, logger=loggers, callbacks=callbacks, default_root_dir=paths.logdir,
                          plugins=[AtomicCheckpointIO()])
+    # The first stages optimise by hand; their checkpoints hold the weights after a step, which is what a
+    # resumed run continues from. Lightning's advice to keep the state before it is noise here.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
     if opt.train:
         # SignalCheckpoint saves last.ckpt on an exception, SIGUSR1 or SIGTERM; -r resumes from it.

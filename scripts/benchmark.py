@@ -171,7 +171,7 @@ def one_step(prior, args: argparse.Namespace) -> int:
     latents = random_latents(prior, n, g)
     cond = classes_in_turn(prior, n)
     prior.train()
-    optimizer = torch.optim.AdamW(prior.trained_parameters(), lr=1e-4)
+    optimizer = prior.build_optimizer()
     t0 = time.perf_counter()
     loss, _ = prior.compute_loss(latents, cond, generator=g)
     loss.backward()

@@ -21,6 +21,7 @@ from ldm.ema import EMA
 from ldm.first_stage.distributions import DiagonalGaussianDistribution
 from ldm.first_stage.modules import Decoder, Encoder
 from ldm.first_stage.quantize import VectorQuantizer
+from ldm.optim import adam
 from ldm.util import Fraction, NonNegativeFloat, PositiveInt, check_nested, instantiate_from_config
 
 TRAINING_ONLY = ("loss.",)  # discriminator / perceptual net: absent from inference checkpoints
@@ -139,8 +140,8 @@ class FirstStageModel(pl.LightningModule):
 
     def configure_optimizers(self):
         lr = self.learning_rate
-        opt_ae = torch.optim.Adam([p for p in self.autoencoder_parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        opt_ae = adam([p for p in self.autoencoder_parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9))
+        opt_disc = adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
         return [opt_ae, opt_disc]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
