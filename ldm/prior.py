@@ -220,6 +220,11 @@ class LatentPrior(pl.LightningModule):
         copy = getattr(self, f"{name}_ema", None)
         return copy.averaged if ema and copy is not None else getattr(self, name)
 
+    def sampling_networks(self) -> list[nn.Module]:
+        """Every network a sampler of this prior may call: the trained ones and their averaged copies."""
+        nets = [self.network(name, ema) for name in self.network_names for ema in (False, True)]
+        return list({id(net): net for net in nets}.values())
+
     def train(self, mode: bool = True) -> LatentPrior:
         super().train(mode)
         self.first_stage_model.eval()  # frozen: BatchNorm/dropout stay in eval mode

@@ -139,3 +139,83 @@ def training_cost(prior: Any, batch: int, repeats: int = 3) -> dict[str, Any]:
         row["cuda_peak_bytes"] = cuda_peak_bytes(loss, prior, device)
     row["forward_backward_s"] = statistics.median(timed_backward(loss, prior, device) for _ in range(repeats))
     return row
+
+
+def _cloned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
+
+
+class CallRecorder:
+    """Records every call of the given networks (copies of their inputs) while a sampler runs, so that the very
+    calls a sampling step made can be replayed on the bare networks and timed: like against like, whatever the
+    sampler fed them (the rows it kept, the doubled batch under guidance). Use as a context manager."""
+
+    def __init__(self, networks: list[nn.Module]):
+        self.networks, self.calls, self.replaying, self.handles = networks, [], False, []
+
+    def __enter__(self) -> CallRecorder:
+        self.handles = [net.register_forward_pre_hook(self._record, with_kwargs=True) for net in self.networks]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.replaying:
+            self.calls.append((module, _cloned(args), _cloned(kwargs)))
+
+    def take(self) -> list[tuple[nn.Module, tuple, dict]]:
+        """The calls recorded since the last `take`."""
+        calls, self.calls = self.calls, []
+        return calls
+
+    @staticmethod
+    def rows(calls: list[tuple[nn.Module, tuple, dict]]) -> int:
+        """Batch rows the calls ran the networks on (their first tensor argument's leading size)."""
+        firsts = [next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+                  for _, args, kwargs in calls]
+        return sum(int(t.shape[0]) for t in firsts if t is not None and t.dim())
+
+    @torch.no_grad()
+    def replay(self, calls: list[tuple[nn.Module, tuple, dict]]) -> float:
+        """Seconds the bare networks take on the recorded calls, one after another."""
+        self.replaying = True
+        try:
+            device = next((p.device for m, _, _ in calls for p in m.parameters()), torch.device("cpu"))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for module, args, kwargs in calls:
+                module(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+        finally:
+            self.replaying = False
+
+
+class PeakMemory:
+    """Peak memory of a run: the CUDA allocator's peak since `reset` on a GPU; on a CPU the process's peak
+    resident set (which cannot be reset: the largest of everything the process ran)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux

@@ -1,5 +1,5 @@
-"""Sampling overhead of a prior: time per sampling step over one bare network forward on the inputs a
-sampling step feeds it (the prior's `sampling_forward`; the doubled batch under guidance).
+"""Sampling overhead of a prior: time per sampling step over the bare network evaluations of that step, on
+the very inputs the sampler fed them (recorded while it samples and replayed; the doubled batch under guidance).
 
     python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --batch 64 --steps 32
     python scripts/benchmark.py --config configs/absorbing/fmnist.yaml    # random weights, same shapes
@@ -12,12 +12,15 @@ sampling step feeds it (the prior's `sampling_forward`; the doubled batch under 
     python scripts/benchmark.py -r logs/<prior run>/checkpoints/last.ckpt --training 20   # cache vs on the fly
     python scripts/benchmark.py --config configs/absorbing/fmnist.yaml --cost-table 64,256,1024,4096 --batch 4
 
-Both timings come from one run, interleaved, so the ratio holds on any machine: where one bare forward
-stands for one sampling step, one is timed after every step (in the sampler's callback) and each step is
-paired with it, on as many rows as the step ran the network on (a sampler that skips rows, absorbing's
-unchanged ones or SUNDAE's stopped samples, reports `evaluated` to its callback) and, in a cascade, on the
-network of the stage the step belongs to (the callback's `stage`); the median of the per-step
-ratios and its quartiles are reported. A step's time is what the sampler spent between two callbacks.
+Both timings come from one run, interleaved, so the ratio holds on any machine: every call a sampling step
+makes to the prior's networks (`sampling_networks()`) is recorded with a copy of its inputs and, in the
+sampler's callback right after the step, replayed on the bare network and timed; each step is paired with
+its replay, so a step that ran the network on fewer rows (absorbing's unchanged rows, SUNDAE's stopped
+samples) or on a cascade stage's network is paired like for like. A network the sampler drives through other
+methods (ImageBART's cached decoder steps) is timed with the prior's `sampling_forward` instead, which runs
+one pass of those calls on fixed tokens. The median of the per-step ratios and its quartiles are reported,
+with the network rows evaluated per image and the peak memory. A step's time is what the sampler spent
+between two callbacks.
 `--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
 and total depth at those sequence lengths (square token maps): forward + backward time, the activations
 autograd keeps and, on CUDA, the peak memory, with their ratios (`sundae.cost`).
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, needs, output_path, run, sampler_kwargs  # noqa: E402
-from ldm.throughput import classes_in_turn  # noqa: E402
+from ldm.throughput import CallRecorder, PeakMemory, classes_in_turn  # noqa: E402
 from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
@@ -315,22 +318,35 @@ def main(argv: list[str] | None = None) -> int:
         return forwards[rows, stage]
 
     clock = [0.0]
-    paired_forward_s: list[float] = []  # the bare forward's time after each sampling step (0 when not paired)
+    paired_forward_s: list[float] = []  # the bare networks' time on each sampling step's own calls (0: none ran)
     step_times: list[float] = []
+    rows_run = [0]  # network rows the last sampling run evaluated, over all its steps
+    recorder = CallRecorder(prior.sampling_networks())
 
     def after_step(info) -> None:
         step_times.append(time.perf_counter() - clock[0])
-        rows = int(info.get("evaluated", n))  # samplers that skip rows say how many the network ran on
-        paired_forward_s.append(timed(forward_on(rows, info.get("stage")), 1) if paired and rows else 0.0)
+        calls = recorder.take()
+        if calls:  # replay the very calls this step made, on the bare networks
+            rows_run[0] += recorder.rows(calls)
+            paired_forward_s.append(recorder.replay(calls))
+        else:  # a network the sampler drives through other methods (a key/value cache): its own yardstick
+            rows = int(info.get("evaluated", n))  # samplers that skip rows say how many the network ran on
+            paired_forward_s.append(timed(forward_on(rows, info.get("stage")), 1) if paired and rows else 0.0)
         clock[0] = time.perf_counter()
 
     def sampling():
         generator = torch.Generator(device=prior.device).manual_seed(0)
-        paired_forward_s.clear(), step_times.clear()
+        paired_forward_s.clear(), step_times.clear(), recorder.take()
+        rows_run[0] = 0
+        peak_memory.reset()
         clock[0] = time.perf_counter()
-        prior.sample_latents(n, sampler_cond, generator, callback=after_step, **options)
+        with recorder:
+            prior.sample_latents(n, sampler_cond, generator, callback=after_step, **options)
 
+    peak_memory = PeakMemory(prior.device)
     forward(), sampling()  # warm-up
+    recorded = any(paired_forward_s) and rows_run[0] > 0
+    paired = paired or recorded
     fwd, samp, ratios = [], [], []
     for _ in range(args.repeats):  # interleaved so drift affects both
         if paired:
@@ -346,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios.sort()
     result = {"batch": n, "steps": options.get("steps"), "options": options, "steps_run": len(step_times),
               "guidance": args.guidance, "threads": torch.get_num_threads(), "repeats": args.repeats,
-              "paired_per_step": paired, "forward_s": statistics.median(fwd), "step_s": statistics.median(samp),
+              "paired_per_step": paired, "replayed_inputs": recorded,
+              "forward_s": statistics.median(fwd), "step_s": statistics.median(samp),
               "step_over_forward": statistics.median(ratios),
               "step_over_forward_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
+    if recorded:  # the doubled batch of guidance counts twice
+        result["network_rows_per_image"] = rows_run[0] / n
+    result["peak_memory_mib"] = peak_memory.mib()
     result["images_per_s"] = n / max(sum(step_times), 1e-12)  # the last run's sampling time, paired forwards apart
     result["environment"] = environment(prior)
     report(result, args)

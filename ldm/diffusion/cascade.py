@@ -216,6 +216,9 @@ class CascadePrior(LatentPrior):
                                    callback=_tagged(callback, i), **self._stage_kw(i, base_kw if i == 0 else sr_kw))
         return images
 
+    def sampling_networks(self) -> list[nn.Module]:
+        return [net for stage in self.stages for net in stage.sampling_networks()]
+
     def sampling_forward(self, n: int, cond: Any = None, stage: int = 0, **kw: Any):
         """One bare forward of stage `stage`'s network, on the inputs a sampling step of that stage feeds it."""
         base_kw, sr_kw = self.split_options(kw)

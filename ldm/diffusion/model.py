@@ -199,15 +199,13 @@ class LatentDiffusionPrior(LatentPrior):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --- the network --------------------------------------------------------------------------
-    def denoiser(self, ema: bool = False):
-        """`net(x (B, C, h, w), t (B,), cond dict) -> output` on the trained or averaged UNet."""
+    def denoiser(self, ema: bool = False, encoded: bool = False):
+        """`net(x (B, C, h, w), t (B,), cond dict) -> output` on the trained or averaged UNet; with `encoded` the
+        dict already went through `encode_condition` (a sampler encodes a caption once, not at every step)."""
         net = self.network("model", ema)
-        stage = self.network("cond_stage_model", ema) if "cond_stage_model" in self.network_names else None
 
         def call(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
-            cond = dict(cond or {})
-            if stage is not None:  # caption ids or class ids to the UNet's context
-                cond = stage.condition(cond)
+            cond = dict(cond or {}) if encoded else self.encode_condition(cond, ema)
             if "concat" in cond:
                 x = torch.cat([x, cond["concat"].to(x.dtype)], 1)
             context = cond.get("context")
@@ -218,6 +216,14 @@ class LatentDiffusionPrior(LatentPrior):
                        **extra)
 
         return call
+
+    def encode_condition(self, cond: Cond | None, ema: bool = False) -> dict[str, Any]:
+        """The conditioning dict as the UNet takes it: caption or class ids through the conditioning network
+        (`cond_stage_config`) into the cross-attention context, when the prior has one."""
+        cond = dict(cond or {})
+        if "cond_stage_model" in self.network_names and cond:
+            cond = self.network("cond_stage_model", ema).condition(cond)
+        return cond
 
     def compute_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None = None,
                      ema: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -240,7 +246,8 @@ class LatentDiffusionPrior(LatentPrior):
         if guidance_scale != 1.0 and cond and self.cond_drop_prob == 0:
             raise ValueError("guidance_scale needs a prior trained with conditioning dropout (cond_drop_prob > 0); "
                              "this one was trained with 0, so it has no unconditional model")
-        return samplers.guided(self.denoiser(ema), cond or None, self.conditioner.null_like(cond) if cond else None,
+        null = self.encode_condition(self.conditioner.null_like(cond), ema) if cond else None
+        return samplers.guided(self.denoiser(ema, encoded=True), self.encode_condition(cond, ema) or None, null,
                                guidance_scale, guidance_rescale)
 
     def x0_transform(self, options: Mapping[str, Any]):
@@ -395,9 +402,7 @@ class LatentDiffusionPrior(LatentPrior):
 
     def sampling_forward(self, n: int, cond: Any = None, guidance_scale: float = 1.0, use_ema: bool = True, **_: Any):
         """One bare UNet forward on the inputs a sampling step feeds it (the doubled batch under guidance)."""
-        c = self.user_cond(cond, n)
-        model = samplers.guided(self.denoiser(use_ema), c or None, self.conditioner.null_like(c) if c else None,
-                                guidance_scale)
+        model = self._model_fn(n, self.user_cond(cond, n), use_ema, guidance_scale, 0.0)
         x = self._noise(n, torch.Generator(device=self.device).manual_seed(0))
         t = torch.full((n,), self.process.num_timesteps // 2, device=self.device, dtype=torch.long)
         if self.edm is not None:  # the UNet's time input is c_noise(σ), here at σ = σ_data

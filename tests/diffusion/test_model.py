@@ -192,3 +192,24 @@ def test_pixel_space_prior_thresholds_and_a_latent_prior_refuses():
                                          r"ldm.first_stage.models.IdentityFirstStage\); the latents of AutoencoderKL "
                                          r"are not bounded to \[-1, 1\]"):
         build().sample(1, cond=1, dynamic_threshold=0.995)
+
+
+def test_a_caption_is_encoded_once_per_sampling_run_not_at_every_step():
+    """The text encoder's answer does not change between steps: sampling encodes the captions (and, under
+    guidance, the null captions) once, and draws what encoding at every step draws."""
+    from ldm.diffusion import sampling as samplers
+
+    text = build_from_config(CFG.parent / "ldm_text.yaml").eval()
+    encoder = text.network("cond_stage_model", ema=True)
+    calls = []
+    hook = encoder.register_forward_hook(lambda *_: calls.append(1))
+    cond = text.user_cond(["a photo of a sandal", "a photo of a bag"], 2)
+    with torch.no_grad():
+        once = text.sample_latents(2, cond, torch.Generator().manual_seed(0), steps=4, guidance_scale=2.0)
+        assert len(calls) == 2  # the captions and the null captions, each once for 4 steps
+        per_step = samplers.guided(text.denoiser(ema=True), cond, text.conditioner.null_like(cond), 2.0)
+        again = text._run(per_step, text._noise(2, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0),
+                          None, "ddim", 4, 0.0, {})
+    hook.remove()
+    assert len(calls) == 2 + 4  # the reference encodes the doubled batch at every step
+    torch.testing.assert_close(once, again, rtol=1e-5, atol=1e-6)
