@@ -36,16 +36,21 @@ def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def timed_backward(fn: Callable[[], torch.Tensor], model: nn.Module, device: torch.device) -> float:
-    """Seconds of one forward + backward of the loss `fn()` returns."""
-    model.zero_grad(set_to_none=True)
+def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of `fn()`, the device's queue drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    fn().backward()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def timed_backward(fn: Callable[[], torch.Tensor], model: nn.Module, device: torch.device) -> float:
+    """Seconds of one forward + backward of the loss `fn()` returns."""
+    model.zero_grad(set_to_none=True)
+    return timed_call(lambda: fn().backward(), device)
 
 
 def cuda_peak_bytes(fn: Callable[[], torch.Tensor], model: nn.Module, device: torch.device) -> int:
@@ -120,24 +125,43 @@ def classes_in_turn(prior: Any, n: int) -> Any:
     return prior.user_cond((torch.arange(n) % prior.num_classes).tolist() if prior.num_classes else None, n)
 
 
-def training_cost(prior: Any, batch: int, repeats: int = 3) -> dict[str, Any]:
-    """Forward + backward of one training loss on random latents at the prior's latent shape: median seconds,
-    the activations autograd keeps and, on CUDA, the allocator's peak above the weights."""
+def training_cost(prior: Any, batch: int, repeats: int = 3, versus: Any = None) -> dict[str, Any]:
+    """Forward + backward of one training loss on random latents at the prior's latent shape, and one step of
+    the prior's own optimizer: median seconds, the activations autograd keeps and, on CUDA, the allocator's peak
+    above the weights. `versus`, the same prior built another way (channels-last, an unfused optimizer), is
+    timed interleaved with it, so the ratios of its times to these come from one run."""
     device = torch.device(prior.device)
-    prior.train()
+    runs = [prior] + ([versus] if versus is not None else [])
     latents = random_latents(prior, batch, torch.Generator(device=device).manual_seed(0))
     cond = classes_in_turn(prior, batch)
 
-    def loss() -> torch.Tensor:
-        return prior.compute_loss(latents, cond, generator=torch.Generator(device=device).manual_seed(1))[0]
+    def loss_of(model: Any) -> Callable[[], torch.Tensor]:
+        return lambda: model.compute_loss(latents, cond, generator=torch.Generator(device=device).manual_seed(1))[0]
 
-    timed_backward(loss, prior, device)  # warm-up
+    losses = [loss_of(model) for model in runs]
+    optimizers = []
+    for model, loss in zip(runs, losses):
+        model.train()
+        optimizers.append(model.build_optimizer())
+        timed_backward(loss, model, device)  # warm-up, and gradients for the optimizer's first step
+        optimizers[-1].step()
     row: dict[str, Any] = {"tokens": math.prod(prior.latent_shape[-2:]), "latent_shape": list(prior.latent_shape),
                            "batch": batch, "parameters": sum(p.numel() for p in prior.trained_parameters()),
-                           "activation_bytes": activation_bytes(loss)}
+                           "activation_bytes": activation_bytes(losses[0])}
     if device.type == "cuda":
-        row["cuda_peak_bytes"] = cuda_peak_bytes(loss, prior, device)
-    row["forward_backward_s"] = statistics.median(timed_backward(loss, prior, device) for _ in range(repeats))
+        row["cuda_peak_bytes"] = cuda_peak_bytes(losses[0], prior, device)
+    backward: list[list[float]] = [[] for _ in runs]
+    stepped: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, (model, loss, optimizer) in enumerate(zip(runs, losses, optimizers)):
+            backward[i].append(timed_backward(loss, model, device))
+            stepped[i].append(timed_call(optimizer.step, device))
+    row["forward_backward_s"], row["optimizer_step_s"] = statistics.median(backward[0]), statistics.median(stepped[0])
+    if versus is not None:
+        fb, st = statistics.median(backward[1]), statistics.median(stepped[1])
+        row["versus"] = {"forward_backward_s": fb, "optimizer_step_s": st,
+                         "forward_backward_ratio": fb / row["forward_backward_s"],
+                         "optimizer_step_ratio": st / row["optimizer_step_s"]}
     return row
 
 

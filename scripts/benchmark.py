@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-table", default=None, metavar="LENGTHS",
                    help="comma-separated token counts (square maps), e.g. 64,256,1024,4096: forward + backward time "
                         "and activation memory of the prior's training loss, rebuilt with random weights at each")
+    p.add_argument("--versus", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --cost-table: also time the prior built with this model.params override (e.g. "
+                        "channels_last=true, fused_optimizer=false), interleaved, and report the ratios")
     p.add_argument("--device", default=None, help="device for --cost-lengths and --cost-table (default: the prior's)")
     p.add_argument("--compare-cache", action="store_true",
                    help="time sampling with the key/value cache against without it (priors with a use_cache "
@@ -141,9 +144,15 @@ def cost_table(prior, config: dict, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--cost-table {n}: {type(prior).__name__} cannot be built at {grid[0]}x{grid[1]} "
                              f"tokens: {e}") from None
-        rows.append(training_cost(sized.to(device), args.batch, args.repeats))
+        versus = None
+        if args.versus:
+            versus_cfg = OmegaConf.merge(OmegaConf.create(model_cfg), OmegaConf.from_dotlist(
+                [f"params.{kv.removeprefix('model.params.')}" for kv in args.versus]))
+            torch.manual_seed(0)
+            versus = instantiate_from_config(OmegaConf.to_container(versus_cfg), key="model").to(device)
+        rows.append(training_cost(sized.to(device), args.batch, args.repeats, versus))
         print(json.dumps(rows[-1]))
-        del sized
+        del sized, versus
     result = {"prior": type(prior).__name__, "rows": rows, "environment": environment(prior)}
     result["environment"]["device"] = str(device)
     print(json.dumps(result, indent=2))
@@ -151,12 +160,17 @@ def cost_table(prior, config: dict, args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        head = ["| tokens | latent shape | batch | parameters | forward + backward (s) | activations (MiB) |"
-                + (" CUDA peak (MiB) |" if device.type == "cuda" else ""), "|---" * (7 if device.type == "cuda" else 6)
-                + "|"]
+        head = ["| tokens | latent shape | batch | parameters | forward + backward (s) | optimizer step (s) | "
+                "activations (MiB) |" + (" CUDA peak (MiB) |" if device.type == "cuda" else ""),
+                "|---" * (8 if device.type == "cuda" else 7) + "|"]
         body = [f"| {r['tokens']} | {'x'.join(map(str, r['latent_shape']))} | {r['batch']} | {r['parameters']:,} | "
-                f"{r['forward_backward_s']:.4g} | {r['activation_bytes'] / 2**20:.1f} |"
+                f"{r['forward_backward_s']:.4g} | {r['optimizer_step_s']:.4g} | {r['activation_bytes'] / 2**20:.1f} |"
                 + (f" {r['cuda_peak_bytes'] / 2**20:.1f} |" if "cuda_peak_bytes" in r else "") for r in rows]
+        if args.versus:
+            body += ["", f"With {' '.join(args.versus)}, timed interleaved with the rows above (time over theirs):", "",
+                     "| tokens | forward + backward | optimizer step |", "|---|---|---|"]
+            body += [f"| {r['tokens']} | {r['versus']['forward_backward_ratio']:.3f} | "
+                     f"{r['versus']['optimizer_step_ratio']:.3f} |" for r in rows]
         out.with_suffix(".md").write_text("\n".join(head + body) + "\n")
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
@@ -259,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             at_least(flag, value)
     at_least("--threads", args.threads, 0)
+    if args.versus and args.cost_table is None:
+        raise ValueError("--versus times a second build of the prior beside the first in --cost-table; give "
+                         "--cost-table too")
     if args.threads:
         torch.set_num_threads(args.threads)
     is_prior = needs("prior", "benchmark.py")

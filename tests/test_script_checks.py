@@ -276,6 +276,19 @@ def test_benchmark_cost_table_rebuilds_the_prior_at_each_size(config, tmp_path, 
         "--cost-table takes comma-separated integers, got '64,x'"
 
 
+def test_benchmark_cost_table_times_a_second_build_interleaved(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    argv = ["--config", str(CONFIGS / "ldm.yaml"), "--cost-table", "16", "--batch", "2", "--repeats", "1"]
+    assert run(lambda: load("benchmark").main([*argv, "--versus", "channels_last=true", "--out", str(out)])) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["optimizer_step_s"] > 0 and row["versus"]["forward_backward_s"] > 0
+    assert row["versus"]["forward_backward_ratio"] == row["versus"]["forward_backward_s"] / row["forward_backward_s"]
+    assert "With channels_last=true, timed interleaved" in out.with_suffix(".md").read_text()
+    assert refused("benchmark", [*argv[:2], "--versus", "channels_last=true"], tmp_path, capsys) == (
+        "--versus times a second build of the prior beside the first in --cost-table; give --cost-table too")
+    assert "chanels_last" in refused("benchmark", [*argv, "--versus", "chanels_last=true"], tmp_path, capsys)
+
+
 def test_benchmark_refuses_options_the_prior_lacks(ckpts, tmp_path, capsys):
     assert refused("benchmark", ["-r", ckpts["prior"], "--compare-cache"], tmp_path, capsys) == \
         "--compare-cache: AbsorbingPrior has no use_cache option"
