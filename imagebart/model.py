@@ -85,6 +85,8 @@ class ImageBARTPrior(LatentPrior):
 
     latent_kind = "tokens"
     sampler_options = SAMPLER_OPTIONS
+    compile_note = ("ImageBART's sampler runs its decoder one position at a time on a growing key/value cache, "
+                    "which torch.compile would recompile at every length: sample it uncompiled")
 
     def __init__(
         self,

@@ -91,6 +91,14 @@ def needs(kind: Kind, script: str) -> Callable[[type], None]:
     return check
 
 
+def compile_prior(prior: Any) -> None:
+    """--compile: torch.compile the prior's networks; a prior whose sampler cannot use it is refused by name."""
+    try:
+        prior.compile_networks()
+    except ValueError as e:
+        raise ValueError(f"--compile: {e}") from None
+
+
 def sampler_kwargs(tokens: list[str]) -> dict[str, Any]:
     """`key=value`, `--key=value` and `--key value` tokens to sampler keyword arguments (YAML values)."""
     options: dict[str, Any] = {}

@@ -72,6 +72,7 @@ class LatentPrior(pl.LightningModule):
     network_names: tuple[str, ...] = ("model",)  # the trained networks; EMA copies at `<name>_ema`
     sampler_options: SamplerOptions = SamplerOptions()  # what `sample` / `inpaint` accept (none by default)
     likelihood_note: str | None = None  # why a prior without `nll_latents` has none, and what it reports instead
+    compile_note: str | None = None  # why `compile_networks` cannot speed this prior's sampler, where it cannot
 
     def __init__(
         self,
@@ -219,6 +220,15 @@ class LatentPrior(pl.LightningModule):
         """A trained network, or its averaged copy when `ema` (and the prior keeps one)."""
         copy = getattr(self, f"{name}_ema", None)
         return copy.averaged if ema and copy is not None else getattr(self, name)
+
+    def compile_networks(self, dynamic: bool | None = None) -> None:
+        """`torch.compile` the forward of every network a sampler calls, in place (the state dict, hooks and
+        averaged copies unchanged): the first calls compile (minutes on a CPU; a new batch size compiles again,
+        then the shape is taken as dynamic), later ones run the generated kernels."""
+        if self.compile_note:
+            raise ValueError(self.compile_note)
+        for net in self.sampling_networks():
+            net.forward = torch.compile(net.forward, dynamic=dynamic)
 
     def sampling_networks(self) -> list[nn.Module]:
         """Every network a sampler of this prior may call: the trained ones and their averaged copies."""

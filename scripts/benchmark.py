@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
-from ldm.cli import at_least, needs, output_path, run, sampler_kwargs  # noqa: E402
+from ldm.cli import at_least, compile_prior, needs, output_path, run, sampler_kwargs  # noqa: E402
 from ldm.throughput import CallRecorder, PeakMemory, classes_in_turn  # noqa: E402
 from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a further sampler option (repeatable), e.g. --option min_steps=null to time SUNDAE's "
                         "steps on the whole batch")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the prior's networks first (sampling benchmark; reports compile_s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cost-lengths", default=None,
                    help="comma-separated sequence lengths: compare the hourglass network with a plain transformer")
@@ -273,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             at_least(flag, value)
     at_least("--threads", args.threads, 0)
+    other = [flag for flag, on in (("--training", args.training is not None), ("--cost-table", args.cost_table),
+                                   ("--cost-lengths", args.cost_lengths), ("--one-step", args.one_step),
+                                   ("--compare-cache", args.compare_cache)) if on]
+    if args.compile and other:
+        raise ValueError(f"--compile applies to the sampling benchmark, not to {other[0]}")
     if args.versus and args.cost_table is None:
         raise ValueError("--versus times a second build of the prior beside the first in --cost-table; give "
                          "--cost-table too")
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(prior, "sampling_forward"):
         raise SystemExit(f"{type(prior).__name__} does not offer sampling_forward(), the network call one "
                          "sampling step makes; it cannot be benchmarked")
+    if args.compile:
+        compile_prior(prior)
     try:
         options: dict = prior.check_sampler_options(sampler_kwargs(args.option)) if args.option else {}
     except ValueError as e:
@@ -361,20 +370,22 @@ def main(argv: list[str] | None = None) -> int:
             prior.sample_latents(n, sampler_cond, generator, callback=after_step, **options)
 
     peak_memory = PeakMemory(prior.device)
-    forward(), sampling()  # warm-up
+    warm_s = timed(forward, 1) + timed(sampling, 1)  # warm-up (with --compile, the compilation)
     recorded = any(paired_forward_s) and rows_run[0] > 0
     paired = paired or recorded
     fwd, samp, ratios = [], [], []
+    run_s: list[float] = []
     for _ in range(args.repeats):  # interleaved so drift affects both
         if paired:
-            sampling()
+            run_s.append(timed(sampling, 1))
             pairs = [(s, f) for s, f in zip(step_times, paired_forward_s) if f > 0]  # steps that ran the network
             fwd += [f for _, f in pairs]
             samp += [s for s, _ in pairs]
             ratios += [s / f for s, f in pairs]
         else:
             fwd.append(timed(forward, 3) / per_call)
-            samp.append(timed(sampling, 1) / max(1, len(step_times)))  # per step run (samples may stop early)
+            run_s.append(timed(sampling, 1))
+            samp.append(run_s[-1] / max(1, len(step_times)))  # per step run (samples may stop early)
             ratios.append(samp[-1] / fwd[-1])
     ratios.sort()
     result = {"batch": n, "steps": options.get("steps"), "options": options, "steps_run": len(step_times),
@@ -386,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if recorded:  # the doubled batch of guidance counts twice
         result["network_rows_per_image"] = rows_run[0] / n
     result["peak_memory_mib"] = peak_memory.mib()
+    if args.compile:  # the first run's time beyond a compiled run's
+        result["compile_s"] = warm_s - statistics.median(run_s) - timed(forward, 1)
     result["images_per_s"] = n / max(sum(step_times), 1e-12)  # the last run's sampling time, paired forwards apart
     result["environment"] = environment(prior)
     report(result, args)

@@ -366,3 +366,17 @@ def test_an_output_path_on_a_file_system_that_refuses_writes_is_refused_before_w
 
     with pytest.raises(ValueError, match=r"^--out /proc/nope/grid.png cannot be written: .* in /proc$"):
         output_path("/proc/nope/grid.png", (".png",))
+
+
+@pytest.mark.slow  # compiling takes a minute or two on two cores
+def test_benchmark_compiles_the_networks_and_reports_the_time(tmp_path, capsys):
+    out = tmp_path / "compiled.json"
+    argv = ["--config", str(CONFIGS / "sundae.yaml"), "--batch", "2", "--repeats", "1", "--steps", "2"]
+    assert run(lambda: load("benchmark").main([*argv, "--compile", "--out", str(out)])) == 0
+    result = json.loads(out.read_text())
+    assert result["compile_s"] > 0 and result["replayed_inputs"]
+    assert refused("benchmark", [*argv, "--compile", "--training", "2"], tmp_path, capsys) == \
+        "--compile applies to the sampling benchmark, not to --training"
+    assert refused("benchmark", ["--config", str(CONFIGS / "imagebart.yaml"), "--compile"], tmp_path, capsys) == (
+        "--compile: ImageBART's sampler runs its decoder one position at a time on a growing key/value cache, "
+        "which torch.compile would recompile at every length: sample it uncompiled")
