@@ -249,12 +249,22 @@ def config_from_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _stored_config(obj: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The config main.py stored in the checkpoint, or, for weights exported as `<name>.safetensors`, the
+    `<name>.yaml` that `scripts/export_weights.py` wrote beside them."""
     config = obj.get("config") if isinstance(obj, Mapping) else None
-    if not isinstance(config, Mapping) or "model" not in config:
-        raise CheckpointError(
-            f"{path} carries no config (it was not written by main.py); pass the config explicitly"
-        )
-    return dict(config)
+    if isinstance(config, Mapping) and "model" in config:
+        return dict(config)
+    beside = Path(str(path).removesuffix(".safetensors") + ".yaml") if str(path).endswith(".safetensors") else None
+    if beside is not None and beside.exists():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(beside), resolve=True)
+        if isinstance(config, dict) and "model" in config:
+            return config
+        raise CheckpointError(f"{beside}, the config beside {path}, has no model section")
+    where = f" and no {beside.name} lies beside it" if beside is not None else ""
+    raise CheckpointError(f"{path} carries no config (it was not written by main.py{where}); pass the config "
+                          "explicitly")
 
 
 def _without_ckpt_paths(node: Any) -> Any:

@@ -7,7 +7,8 @@
 Reads every format the project reads (main.py checkpoints, the released Lightning 1.x checkpoints of
 taming-transformers and latent-diffusion through the restricted reader, `.th`, safetensors) and
 writes <out>.safetensors (the state dict) and <out>.yaml (the config stored in the checkpoint, or
---config). `scripts/sample.py -r <out>.safetensors --config <out>.yaml` then samples from it.
+--config). Every script then reads the pair as one checkpoint: `scripts/sample.py -r <out>.safetensors`
+finds the config beside the weights.
 """
 
 from __future__ import annotations

@@ -361,10 +361,16 @@ def test_export_legacy_checkpoint_then_build_from_export(tmp_path):
     assert load_state_dict(weights).keys() == prior.state_dict().keys()
     model, _ = instantiate_from_checkpoint(weights, config=OmegaConf.to_container(OmegaConf.load(config)))
     assert_same_weights(model, prior)  # weights and EMA shadow both
+    model, stored = instantiate_from_checkpoint(weights)  # the config beside the weights is found
+    assert_same_weights(model, prior)
+    assert stored["model"]["target"] == "absorbing.model.AbsorbingPrior"
 
     export_weights(str(path), "--ema", "--out", str(tmp_path / "ema"))
     ema = load_state_dict(tmp_path / "ema.safetensors")
     assert not (tmp_path / "ema.yaml").exists()  # the file carries no config and none was given
+    with pytest.raises(CheckpointError, match=r"ema.safetensors carries no config \(it was not written by main.py "
+                                              r"and no ema.yaml lies beside it\); pass the config explicitly"):
+        instantiate_from_checkpoint(tmp_path / "ema.safetensors")
     assert not any(k.startswith("model_ema.") for k in ema)
     assert torch.equal(ema["model.net.to_logits.weight"], prior.model_ema.averaged.net.to_logits.weight)
     assert torch.equal(ema["first_stage_model.encoder.conv_in.weight"],
