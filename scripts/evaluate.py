@@ -62,6 +62,7 @@ from ldm.metrics.sample_store import (  # noqa: E402
     run_key,
     wait_for,
 )
+from ldm.repro.table import cost_curves, svg_plot  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
@@ -92,6 +93,14 @@ def check_counts(args: argparse.Namespace) -> None:
         raise ValueError("--elbo-strata needs --elbo-limit >= 1 (without it the ELBO is skipped)")
     if args.memorization and not args.num_samples:
         raise ValueError("--memorization needs samples, but -n is 0")
+    if args.plot:
+        if not args.num_samples:
+            raise ValueError("--plot needs samples, but -n is 0")
+        keys = [token.split("=", 1)[0] for token in args.sweep]
+        if args.plot_along not in keys:
+            raise ValueError(f"--plot-along {args.plot_along}: not a --sweep key ({', '.join(keys) or 'no --sweep'}); "
+                             "each curve runs along one swept setting")
+        output_path(args.plot, (".svg",), "--plot")
 
 
 def result_path(args: argparse.Namespace) -> Path:
@@ -168,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=None, help="reference images for the statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, metavar="SVG",
+                   help="FD against seconds per sample: a curve per setting of the other sweep keys, points along "
+                        "--plot-along")
+    p.add_argument("--plot-along", default="steps", help="the sweep key that varies along each curve of --plot")
     return p
 
 
@@ -287,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown_table(result["rows"])
         out.with_suffix(".md").write_text(table)
         print(table, end="")
+    if args.plot and result["rows"]:
+        along = args.plot_along
+        curves = cost_curves(result["rows"], [k for k in settings[0] if k != along], along)
+        Path(args.plot).write_text(svg_plot(curves, y_key=main_extractor.fd_key))
+        print(f"wrote {args.plot}")
     print(f"wrote {out}")
     return 0
 

@@ -32,6 +32,22 @@ def _settings(row: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return {k: row[k] for k in keys if k in row}
 
 
+COST_KEYS = ("FD_fmnist", "FID", "seconds_per_sample", "network_evaluations_per_sample")
+
+
+def curve_points(rows: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The points of an FD-against-cost curve: each evaluation row's settings `names`, its cost and its FD."""
+    return [{**_settings(r, names), **{k: r.get(k) for k in COST_KEYS}} for r in rows]
+
+
+def cost_curves(rows: list[dict[str, Any]], group_keys: list[str], along: str) -> dict[str, list[dict[str, Any]]]:
+    """Evaluation rows as `svg_plot` curves: one per setting of `group_keys`, each point labelled by `along`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(", ".join(f"{k}={r.get(k)}" for k in group_keys) or "samples", []).append(r)
+    return {name: curve_points(rs, [along]) for name, rs in groups.items()}
+
+
 def build_table(plan: Plan) -> dict[str, Any]:
     """Every row the finished steps allow: the data floor, each first stage's reconstructions, each prior."""
     spec, ev = plan.spec, plan.spec.evaluation
@@ -68,9 +84,7 @@ def build_table(plan: Plan) -> dict[str, Any]:
         steps = _read(plan.eval_json(prior, "steps")) if prior.sweep else None
         names = list(prior.sweep)
         points = steps["rows"] if steps and steps.get("rows") else [first]
-        sweeps[key] = [{**_settings(r, names), "FD_fmnist": r.get("FD_fmnist"), "FID": r.get("FID"),
-                        "seconds_per_sample": r.get("seconds_per_sample"),
-                        "network_evaluations_per_sample": r.get("network_evaluations_per_sample")} for r in points]
+        sweeps[key] = curve_points(points, names)
         if plan.grid_png(prior).exists():
             grids[key] = str(plan.grid_png(prior).relative_to(plan.out))
     return {"title": spec.title or spec.name, "config": spec.source,
@@ -178,8 +192,7 @@ def svg_plot(sweeps: dict[str, list[dict[str, Any]]], y_key: str = "FD_fmnist", 
         out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         for p in pts:
             x, y = px(p["seconds_per_sample"]), py(p[y_key])
-            label = ",".join(str(v) for k, v in p.items() if k not in (
-                "FD_fmnist", "FID", "seconds_per_sample", "network_evaluations_per_sample"))
+            label = ",".join(str(v) for k, v in p.items() if k not in COST_KEYS)
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>')
             if label:
                 out.append(f'<text x="{x + 4:.1f}" y="{y - 4:.1f}" fill="{colour}">{html.escape(label)}</text>')

@@ -137,3 +137,16 @@ def test_inception_is_refused_offline_in_one_sentence(ckpt, tmp_path, monkeypatc
     monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
     assert run(lambda: evaluate().main(argv(ckpt, tmp_path / "e.json", "--features", "inception"))) == 2
     assert "cannot load the Inception weights" in capsys.readouterr().err
+
+
+def test_plot_draws_a_cost_curve_per_setting(ckpt, tmp_path, capsys):
+    out, svg = tmp_path / "eval.json", tmp_path / "orders.svg"
+    assert run(lambda: evaluate().main(["-r", ckpt, "-n", "10", "--batch-size", "4", "--kid-subsets", "3", "--out",
+                                        str(out), "--sweep", "order=random,raster", "steps=1,2", "--plot", str(svg)])) == 0
+    drawing = svg.read_text()
+    assert drawing.count("<polyline") == 2 and "order=random" in drawing and "order=raster" in drawing
+    assert drawing.count("<circle") == 4  # a point per (order, steps) row
+    bad = [*argv(ckpt, out), "--plot", str(svg), "--plot-along", "temperature"]
+    assert run(lambda: evaluate().main(bad)) != 0
+    assert "--plot-along temperature: not a --sweep key (steps); each curve runs along one swept setting" in \
+        capsys.readouterr().err
