@@ -243,6 +243,42 @@ def export_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLik
     save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
+def export_weights(path: str | os.PathLike, name: str | os.PathLike, config: Mapping[str, Any] | None = None,
+                   ema: bool = False) -> tuple[Path, Path | None]:
+    """`<name>.safetensors` (the checkpoint's state dict; with `ema` the averaged weights as the model's) and
+    `<name>.yaml` (`config`, else the one stored in the checkpoint; none when neither exists), which every
+    script reads as one checkpoint. Each file is written whole or not at all."""
+    from omegaconf import OmegaConf
+
+    from ldm.ema import ema_state_dict
+
+    path, name = Path(path), str(name).removesuffix(".safetensors")
+    obj = read_checkpoint(path)
+    state = state_dict_in(obj, path)
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors to export")
+    if ema:
+        state, replaced = ema_state_dict(state)
+        if not replaced:
+            raise CheckpointError(f"{path} has no EMA weights (model_ema.*) matching its parameters")
+    if config is None:
+        stored = obj.get("config") if isinstance(obj, Mapping) else None
+        config = dict(stored) if isinstance(stored, Mapping) and "model" in stored else None
+    meta = {"source": path.name}
+    if isinstance(obj, Mapping):
+        meta.update({k: obj[k] for k in ("global_step", "epoch") if isinstance(obj.get(k), int)})
+    weights, yaml_path = Path(f"{name}.safetensors"), Path(f"{name}.yaml")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    if config is not None:  # the config first: the weights' existence is what marks a finished export
+        tmp = yaml_path.with_name(f".{yaml_path.name}.{os.getpid()}.tmp")
+        OmegaConf.save(OmegaConf.create(dict(config)), tmp)
+        os.replace(tmp, yaml_path)
+    tmp = weights.with_name(f".{weights.stem}.{os.getpid()}.tmp.safetensors")
+    export_safetensors(state, tmp, metadata=meta)
+    os.replace(tmp, weights)
+    return weights, (yaml_path if config is not None else None)
+
+
 def config_from_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The resolved config that `main.py` stores inside every checkpoint."""
     return _stored_config(read_checkpoint(path), path)

@@ -16,20 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.checkpoint import CheckpointError, export_safetensors, read_checkpoint, state_dict_in  # noqa: E402
+from ldm.checkpoint import CheckpointError, export_weights  # noqa: E402
 from ldm.cli import run  # noqa: E402
-from ldm.ema import ema_state_dict  # noqa: E402
-
-
-def stored_config(obj: Any) -> dict | None:
-    config = obj.get("config") if isinstance(obj, dict) else None
-    return dict(config) if isinstance(config, dict) and "model" in config else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,34 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     path = Path(args.checkpoint)
-    name = args.out.removesuffix(".safetensors") if args.out else str(path.with_suffix(""))
-    weights, yaml_path = Path(f"{name}.safetensors"), Path(f"{name}.yaml")
+    config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True) if args.config else None
     try:
-        obj = read_checkpoint(path)
-        state = state_dict_in(obj, path)
+        weights, yaml_path = export_weights(path, args.out or path.with_suffix(""), config, args.ema)
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
-    if not state:
-        raise SystemExit(f"{path} holds no tensors to export")
-    if args.ema:
-        state, replaced = ema_state_dict(state)
-        if not replaced:
-            raise SystemExit(f"{path} has no EMA weights (model_ema.*) matching its parameters")
-        print(f"EMA weights for {replaced} parameters")
-    if args.config:
-        config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
+    print(f"wrote {weights}")
+    if yaml_path is None:
+        print(f"{path} carries no config: pass --config to write {weights.with_suffix('.yaml')}")
     else:
-        config = stored_config(obj)
-    meta = {"source": path.name}
-    if isinstance(obj, dict):
-        meta.update({k: obj[k] for k in ("global_step", "epoch") if isinstance(obj.get(k), int)})
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    export_safetensors(state, weights, metadata=meta)
-    print(f"wrote {weights} ({len(state)} tensors)")
-    if config is None:
-        print(f"{path} carries no config: pass --config to write {yaml_path}")
-    else:
-        OmegaConf.save(OmegaConf.create(config), yaml_path)
         print(f"wrote {yaml_path}")
     return 0
 

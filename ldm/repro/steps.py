@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ldm.checkpoint import export_weights
 from ldm.repro.spec import FirstStage, Prior, Spec, Training
 from ldm.run_folder import RunLock
 
@@ -203,12 +204,15 @@ class Plan:
 
     def first_stage_checkpoint(self, fs: FirstStage) -> Path | None:
         """The finished first stage: `checkpoint` when it exists, else the finished run's (copied to
-        `checkpoint` when one is named, as the README's workflow does by hand)."""
+        `checkpoint` when one is named, as the README's workflow does by hand; exported, with its config
+        beside it, when that name ends in .safetensors)."""
         if fs.checkpoint and Path(fs.checkpoint).exists():
             return Path(fs.checkpoint)
         ckpt = self.trained(fs.run_name, fs.train)
         if ckpt is not None and fs.checkpoint:
             target = Path(fs.checkpoint)
+            if target.suffix == ".safetensors":  # the weights and their config beside them, as the project ships
+                return export_weights(ckpt, target)[0]
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             shutil.copyfile(ckpt, tmp)

@@ -173,3 +173,30 @@ def test_a_misspelt_flag_is_refused_not_taken_for_an_override(capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args([str(TINY), "--table_only"])
     assert "unrecognized arguments: --table_only (config overrides are written key=value)" in capsys.readouterr().err
+
+
+def test_a_finished_first_stage_is_exported_where_the_config_names_safetensors(tmp_path):
+    """A first stage the runner trained goes to its `checkpoint`: copied, or, for a .safetensors name (how the
+    project ships its Fashion-MNIST first stages), exported with its config beside it and read back whole."""
+    from ldm.checkpoint import instantiate_from_checkpoint
+    from ldm.repro.steps import Plan
+
+    spec = load_spec(TINY)
+    fs = spec.first_stages["vq"]
+    run_dir = tmp_path / "logs" / "2026-01-01T00-00-00_tiny_vq" / "checkpoints"
+    run_dir.mkdir(parents=True)
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / fs.config), OmegaConf.from_dotlist(fs.overrides))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model = instantiate_from_config(config["model"], key="model")
+    torch.save({"state_dict": model.state_dict(), "config": config, "global_step": fs.train.max_steps},
+               run_dir / "last.ckpt")
+    fs.checkpoint = str(tmp_path / "shipped" / "vq.safetensors")
+    plan = Plan(spec, tmp_path / "results", tmp_path / "logs")
+    path = plan.first_stage_checkpoint(fs)
+    assert path == tmp_path / "shipped" / "vq.safetensors" and (tmp_path / "shipped" / "vq.yaml").exists()
+    loaded, stored = instantiate_from_checkpoint(path)
+    assert stored["model"]["target"] == config["model"]["target"]
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items() if k in
+               loaded.state_dict())
+    assert plan.first_stage_checkpoint(fs) == path  # found as it is from now on
