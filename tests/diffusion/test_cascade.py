@@ -149,18 +149,27 @@ def test_a_stage_whose_input_is_not_the_base_output_is_refused(tmp_path):
 def test_benchmark_pairs_each_cascade_step_with_its_own_stage_network(cascade_config, capsys, monkeypatch):
     import json
 
+    from ldm.throughput import CallRecorder
     from tests.test_scripts import load
 
     benchmark = load("benchmark")
-    calls = []
-    original = type(instantiate_from_checkpoint(cascade_config)[0]).sampling_forward
+    stage_of = {}  # network -> its stage, in the cascade the benchmark builds
+    replayed = []  # per replayed step: the stages whose networks it ran
+    original_load, original_replay = benchmark.instantiate_from_checkpoint, CallRecorder.replay
 
-    def spy(self, n, cond=None, stage=0, **kw):
-        calls.append((n, stage))
-        return original(self, n, cond, stage=stage, **kw)
+    def load_and_note_stages(*args, **kwargs):
+        prior, config = original_load(*args, **kwargs)
+        stage_of.update({net: i for i, stage in enumerate(prior.stages) for net in stage.sampling_networks()})
+        return prior, config
 
-    monkeypatch.setattr("ldm.diffusion.cascade.CascadePrior.sampling_forward", spy)
+    def spy(self, calls):
+        replayed.append(sorted({stage_of[module] for module, _, _ in calls}))
+        return original_replay(self, calls)
+
+    monkeypatch.setattr(benchmark, "instantiate_from_checkpoint", load_and_note_stages)
+    monkeypatch.setattr(CallRecorder, "replay", spy)
     assert benchmark.main(["-r", str(cascade_config), "--batch", "2", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["steps_run"] == 4 and result["paired_per_step"]  # two steps of each stage
-    assert sorted(set(calls)) == [(2, 0), (2, 1)]
+    assert result["steps_run"] == 4 and result["paired_per_step"] and result["replayed_inputs"]
+    # two steps of each stage per run (warm-up and one timed run), each replayed on its own stage's network only
+    assert replayed == [[0], [0], [1], [1]] * 2
