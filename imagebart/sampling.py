@@ -67,6 +67,7 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
     gen_device = generator.device if generator is not None else x_t.device
     uniforms = torch.rand((n, b), generator=generator, device=gen_device).to(x_t.device)  # one per token drawn
     for i in range(n):
+        fed, length, position = token, state.length, state.position
         if use_cache:
             logits = net.next_logits(state, token)
         else:
@@ -80,8 +81,34 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
         out[:, i] = drawn
         token = torch.cat([drawn, drawn]) if guide else drawn
         if callback is not None:
-            callback({**(info or {}), "position": i, "x": out, "t": t})
+            replay = _step_replay(net, state, x_in, ts, labels, fed, length, position, first=i == 0,
+                                  prefix=None if use_cache else prefix)
+            callback({**(info or {}), "position": i, "x": out, "t": t, "replay": replay})
     return out
+
+
+def _step_replay(net: Transition, state: Any, x_in: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | None,
+                 fed: torch.Tensor | None, length: int, position: int, first: bool,
+                 prefix: torch.Tensor | None) -> Callable[[], None]:
+    """The network evaluation of the step just taken, to run again on its very inputs (`benchmark.py` times it
+    beside the step). A cached step is rerun from the cache as it was: it rewrites the same keys and values
+    at the same slots, so sampling goes on unchanged; a scale's first step starts the scale again (the encoder)
+    on a fresh state."""
+
+    def replay() -> None:
+        with torch.no_grad():
+            if first:
+                fresh = net.start(x_in, ts, labels)
+                net.next_logits(fresh, None) if prefix is None else net.prefix_logits(fresh, prefix)
+            elif prefix is not None:
+                net.prefix_logits(state, prefix)
+            else:
+                after = state.length, state.position
+                state.length, state.position = length, position
+                net.next_logits(state, fed)
+                state.length, state.position = after
+
+    return replay
 
 
 def per_scale(value: Any, n_scales: int) -> list[Any]:

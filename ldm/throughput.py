@@ -36,14 +36,19 @@ def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def drain(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a CUDA clock read is otherwise only the launch time)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds of `fn()`, the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    drain(device)
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    drain(device)
     return time.perf_counter() - t0
 
 
@@ -214,14 +219,12 @@ class CallRecorder:
         self.replaying = True
         try:
             device = next((p.device for m, _, _ in calls for p in m.parameters()), torch.device("cpu"))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for module, args, kwargs in calls:
-                module(*args, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t0
+
+            def run() -> None:
+                for module, args, kwargs in calls:
+                    module(*args, **kwargs)
+
+            return timed_call(run, device)
         finally:
             self.replaying = False
 

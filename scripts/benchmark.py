@@ -17,8 +17,9 @@ makes to the prior's networks (`sampling_networks()`) is recorded with a copy of
 sampler's callback right after the step, replayed on the bare network and timed; each step is paired with
 its replay, so a step that ran the network on fewer rows (absorbing's unchanged rows, SUNDAE's stopped
 samples) or on a cascade stage's network is paired like for like. A network the sampler drives through other
-methods (ImageBART's cached decoder steps) is timed with the prior's `sampling_forward` instead, which runs
-one pass of those calls on fixed tokens. The median of the per-step ratios and its quartiles are reported,
+methods (ImageBART's cached decoder steps) is replayed by the sampler itself: its callback offers the step's
+network evaluation to run again on the same inputs (`info["replay"]`); failing both, the prior's
+`sampling_forward` times one pass of those calls on fixed tokens. The median of the per-step ratios and its quartiles are reported,
 with the network rows evaluated per image and the peak memory. A step's time is what the sampler spent
 between two callbacks.
 `--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import _without_ckpt_paths, instantiate_from_checkpoint  # noqa: E402
 from ldm.cli import at_least, compile_prior, needs, output_path, run, sampler_kwargs  # noqa: E402
-from ldm.throughput import CallRecorder, PeakMemory, classes_in_turn  # noqa: E402
+from ldm.throughput import CallRecorder, PeakMemory, classes_in_turn, drain, timed_call  # noqa: E402
 from ldm.train import load_config  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
@@ -347,14 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     paired_forward_s: list[float] = []  # the bare networks' time on each sampling step's own calls (0: none ran)
     step_times: list[float] = []
     rows_run = [0]  # network rows the last sampling run evaluated, over all its steps
+    replayed_by_prior = [False]
     recorder = CallRecorder(prior.sampling_networks())
 
     def after_step(info) -> None:
+        drain(prior.device)
         step_times.append(time.perf_counter() - clock[0])
         calls = recorder.take()
         if calls:  # replay the very calls this step made, on the bare networks
             rows_run[0] += recorder.rows(calls)
             paired_forward_s.append(recorder.replay(calls))
+        elif "replay" in info:  # the prior reruns the step's own network evaluation (a cached decoder step)
+            paired_forward_s.append(timed_call(info["replay"], prior.device))
+            replayed_by_prior[0] = True
         else:  # a network the sampler drives through other methods (a key/value cache): its own yardstick
             rows = int(info.get("evaluated", n))  # samplers that skip rows say how many the network ran on
             paired_forward_s.append(timed(forward_on(rows, info.get("stage")), 1) if paired and rows else 0.0)
@@ -365,13 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         paired_forward_s.clear(), step_times.clear(), recorder.take()
         rows_run[0] = 0
         peak_memory.reset()
+        drain(prior.device)
         clock[0] = time.perf_counter()
         with recorder:
             prior.sample_latents(n, sampler_cond, generator, callback=after_step, **options)
 
     peak_memory = PeakMemory(prior.device)
     warm_s = timed(forward, 1) + timed(sampling, 1)  # warm-up (with --compile, the compilation)
-    recorded = any(paired_forward_s) and rows_run[0] > 0
+    recorded = any(paired_forward_s) and (rows_run[0] > 0 or replayed_by_prior[0])
     paired = paired or recorded
     fwd, samp, ratios = [], [], []
     run_s: list[float] = []
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
               "forward_s": statistics.median(fwd), "step_s": statistics.median(samp),
               "step_over_forward": statistics.median(ratios),
               "step_over_forward_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
-    if recorded:  # the doubled batch of guidance counts twice
+    if rows_run[0]:  # the doubled batch of guidance counts twice
         result["network_rows_per_image"] = rows_run[0] / n
     result["peak_memory_mib"] = peak_memory.mib()
     if args.compile:  # the first run's time beyond a compiled run's

@@ -218,6 +218,18 @@ def test_benchmark_compares_cached_and_uncached_decoding(capsys):
     assert result["same_samples"] is True and result["tokens"] == 16 and result["speedup"] > 0
 
 
+@pytest.mark.parametrize("guidance", ["1", "2"])
+def test_benchmark_pairs_each_imagebart_token_with_its_replayed_decoder_step(guidance, capsys):
+    """ImageBART's cached decoder steps are paired one by one with their replay (the sampler offers it)."""
+    argv = ["--config", str(CONFIGS / "imagebart.yaml"), "--batch", "2", "--repeats", "1", "--guidance", guidance,
+            "model.params.latent_shape=[4,4]"]
+    assert run(lambda: load("benchmark").main(argv)) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["paired_per_step"] and result["replayed_inputs"] and result["steps_run"] == 2 * 16
+    assert result["step_over_forward"] > 0 and "network_rows_per_image" not in result
+
+
 @pytest.mark.parametrize("config", ["sundae.yaml", "ldm.yaml"])
 def test_benchmark_one_step_trains_and_samples_a_config(config, capsys):
     assert run(lambda: load("benchmark").main(["--config", str(CONFIGS / config), "--one-step", "--batch", "1"])) == 0

@@ -54,6 +54,45 @@ def test_callback_reports_scale_and_position():
     assert [p for _, p, _ in seen] == list(range(n)) * 2 and [i for _, _, i in seen] == list(range(2 * n))
 
 
+@pytest.mark.parametrize("use_cache,guidance", [(1, 1.0), (1, 2.0), (0, 1.0)])
+def test_each_step_offers_its_network_evaluation_to_replay(use_cache, guidance, monkeypatch):
+    """The callback's `replay` reruns the step's own evaluation (the same logits, from the same cache slot or
+    prefix, the encoder on a scale's first step) and leaves the sampling unchanged (benchmark.py times it)."""
+    from imagebart.transformer import DecoderOnly, EncoderDecoder
+
+    model = build().eval()
+    for net in (model.model, model.top):
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    model.sync_ema_buffers()
+    logits = []  # every evaluation, in order: a step's and then its replay's
+    for cls in (EncoderDecoder, DecoderOnly):
+        for name in ("next_logits", "prefix_logits", "encode"):
+            if hasattr(cls, name):
+                original = getattr(cls, name)
+                monkeypatch.setattr(cls, name, lambda self, *a, _f=original, _n=name: logits.append((
+                    _n, _f(self, *a))) or logits[-1][1])
+
+    def run(replaying):
+        logits.clear()
+        cb = (lambda d: d["replay"]()) if replaying else None
+        return model.sample_latents(3, model.user_cond([1, 2, 3], 3), torch.Generator().manual_seed(4), ema=False,
+                                    guidance_scale=guidance, use_cache=use_cache, callback=cb)
+
+    plain, plain_calls = run(False), list(logits)
+    replayed = run(True)
+    assert torch.equal(plain, replayed)
+    steps = [c for c in plain_calls if c[0] != "encode"]
+    evaluations = [c for c in logits if c[0] != "encode"]
+    assert len(evaluations) == 2 * len(steps) == 2 * 2 * 64  # two scales of 64 tokens, each step replayed once
+    for step, (first, again) in zip(steps, zip(evaluations[::2], evaluations[1::2])):
+        assert first[0] == again[0] == step[0]
+        torch.testing.assert_close(again[1], first[1], rtol=0, atol=0)
+        torch.testing.assert_close(first[1], step[1], rtol=0, atol=0)
+    encodes = sum(c[0] == "encode" for c in logits)
+    assert encodes == 2 * sum(c[0] == "encode" for c in plain_calls) == 2  # the encoder scale's start, again
+
+
 def test_training_fits_one_batch():
     """Steps on one batch with the same corruption draws bring the loss far down (the chain can be learnt)."""
     model = build(**{"model.params.cond_drop_prob": 0.0}).train()
