@@ -2,8 +2,8 @@
 the training split, scored as `evaluate.py` scores samples (FD_fmnist, KID, IS, precision / recall / density /
 coverage, the classifier's accuracy). A prior cannot be expected to beat these numbers.
 
-    python scripts/data_floor.py -r checkpoints/fmnist_vq.ckpt --out results/fmnist/eval/floor.json
-    python scripts/data_floor.py -r checkpoints/fmnist_vq.ckpt --reference-split validation --limit 2000 \
+    python scripts/data_floor.py -r data/fmnist_vq.safetensors --out results/fmnist/eval/floor.json
+    python scripts/data_floor.py -r data/fmnist_vq.safetensors --reference-split validation --limit 2000 \
         --out floor_validation.json
 
 The image splits are those of the checkpoint's stored data config (any checkpoint of the project: a first

@@ -1,7 +1,7 @@
 """Measure the schedule-vs-metric table of a VQ first stage on a data set: the curve ImageBART's custom schedules
 (A_t evenly spaced in a metric) are read from, as the paper's `data/*_schedule_vs_metric.p`.
 
-    python scripts/schedule_metric.py -r checkpoints/fmnist_vq.ckpt --split validation --limit 1000 \
+    python scripts/schedule_metric.py -r data/fmnist_vq.safetensors --split validation --limit 1000 \
         --metrics PSNR,SSIM,FD_fmnist --out data/imagebart/fmnist_schedule_vs_metric.json
 
 then `schedule: {kind: metric, table: data/imagebart/fmnist_schedule_vs_metric.json, metric: PSNR}` in a prior

@@ -59,7 +59,7 @@ def test_fmnist_config_shares_the_absorbing_first_stage_and_cache():
     ours = OmegaConf.load(CONFIGS / "sundae" / "fmnist.yaml")
     theirs = OmegaConf.load(CONFIGS / "absorbing" / "fmnist.yaml")
     assert ours.model.params.first_stage_config == theirs.model.params.first_stage_config
-    assert ours.model.params.first_stage_config.params.ckpt_path == "checkpoints/fmnist_vq.ckpt"
+    assert ours.model.params.first_stage_config.params.ckpt_path == "data/fmnist_vq.safetensors"
     assert ours.data == theirs.data
     assert ours.model.params.num_classes == 10 and ours.model.params.cond_drop_prob > 0
     prior, _ = build_on_meta("fmnist")
