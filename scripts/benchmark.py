@@ -19,8 +19,8 @@ its replay, so a step that ran the network on fewer rows (absorbing's unchanged 
 samples) or on a cascade stage's network is paired like for like. A network the sampler drives through other
 methods (ImageBART's cached decoder steps) is replayed by the sampler itself: its callback offers the step's
 network evaluation to run again on the same inputs (`info["replay"]`); failing both, the prior's
-`sampling_forward` times one pass of those calls on fixed tokens. The median of the per-step ratios and its quartiles are reported,
-with the network rows evaluated per image and the peak memory. A step's time is what the sampler spent
+`sampling_forward` times one pass of those calls on fixed tokens. The median of the per-step ratios and its
+quartiles are reported, with the network rows evaluated per image and the peak memory. A step's time is what the sampler spent
 between two callbacks.
 `--cost-lengths` instead compares the prior's hourglass network with a plain transformer of the same width
 and total depth at those sequence lengths (square token maps): forward + backward time, the activations

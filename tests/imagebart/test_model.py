@@ -66,12 +66,18 @@ def test_each_step_offers_its_network_evaluation_to_replay(use_cache, guidance, 
             torch.nn.init.normal_(p, std=0.3)
     model.sync_ema_buffers()
     logits = []  # every evaluation, in order: a step's and then its replay's
+
+    def logged(name, original):
+        def method(self, *args):
+            out = original(self, *args)
+            logits.append((name, out))
+            return out
+        return method
+
     for cls in (EncoderDecoder, DecoderOnly):
         for name in ("next_logits", "prefix_logits", "encode"):
             if hasattr(cls, name):
-                original = getattr(cls, name)
-                monkeypatch.setattr(cls, name, lambda self, *a, _f=original, _n=name: logits.append((
-                    _n, _f(self, *a))) or logits[-1][1])
+                monkeypatch.setattr(cls, name, logged(name, getattr(cls, name)))
 
     def run(replaying):
         logits.clear()
