@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from absorbing.process import AbsorbingDiffusion, LossType, MaskSchedule, TimeSampling
-from absorbing.sampling import Order, sample
+from absorbing.sampling import ORDERS, SCHEDULES, Order, sample
 from absorbing.unleashing import convert_sampler_state_dict
 from absorbing.windows import windowed_denoiser
 from ldm.conditioning import Cond, cat_cond
@@ -30,9 +30,17 @@ def _max_steps(prior: AbsorbingPrior, options: dict[str, Any]) -> int:
 
 
 SAMPLER_OPTIONS = SamplerOptions(
-    Option("order", str, "random", choices=("random", "confidence", "raster"),
-           help="which masked tokens a step reveals: each with probability 1/s (the paper), the most confident "
-                "on a cosine schedule (MaskGIT), or the next ones in raster order"),
+    Option("order", str, "random", choices=ORDERS,
+           help="which masked tokens a step reveals: random ones (the paper), the most confident (MaskGIT), "
+                "or the next ones in raster order"),
+    Option("schedule", str, None, choices=SCHEDULES, nullable=True,
+           help="how many tokens a step reveals: 'uniform' (each with probability 1/s in random order, an even "
+                "share of what is left otherwise) or 'cosine' (MaskGIT's: few early, many late); None: the "
+                "order's own, cosine in confidence order and uniform otherwise"),
+    Option("confidence_noise", float, 0.0, low=0.0,
+           help="Gumbel noise on the log-confidences that rank positions in confidence order, scaled by "
+                "1 - (i+1)/S (MaskGIT's randomised choice, 4.5 in its code): more diverse samples; unused "
+                "in the other orders"),
     Option("shape", int, _training_hw, low=_training_hw, size=2, nullable=True, modes=("sample",),
            help="token map (h, w) to sample, at least the training shape; larger maps are sampled with "
                 "overlapping training-size windows (None: the training shape)"),

@@ -4,8 +4,11 @@
 `sample` runs the paper's reverse process with any number of steps S <= T: at step s = S..1 every
 still-masked token is revealed with probability 1/s (so all are revealed at s = 1), its value drawn
 from the denoiser's prediction of x_0. `order="confidence"` reveals instead the most confident
-predictions on a cosine schedule (MaskGIT, Chang et al. 2022); `order="raster"` reveals tokens in
-raster order, evenly over the steps (one per step when steps = N, as in the paper's big samples).
+predictions on a cosine schedule (MaskGIT, Chang et al. 2022), with MaskGIT's annealed Gumbel noise on the
+confidences as an option (`confidence_noise`); `order="raster"` reveals tokens in raster order, evenly over
+the steps (one per step when steps = N, as in the paper's big samples). `schedule` sets how many tokens a
+step reveals whatever the order: "uniform" (the paper's 1/s per token in random order, an even share of
+what is left otherwise) or "cosine" (a fraction cos(pi/2 (i+1)/S) still masked after step i).
 
 A denoiser that ignores t (the paper's; `time_invariant=True`) gives a row that did not change since its
 last evaluation the same logits again, so only the rows a step changed are evaluated at the next one and
@@ -26,6 +29,14 @@ from ldm.logits import filter_logits, guided_logits, sample_categorical
 
 Callback = Callable[[dict[str, Any]], None]
 Order = Literal["random", "confidence", "raster"]
+Schedule = Literal["uniform", "cosine"]
+ORDERS: tuple[Order, ...] = ("random", "confidence", "raster")
+SCHEDULES: tuple[Schedule, ...] = ("uniform", "cosine")
+
+
+def default_schedule(order: str) -> Schedule:
+    """The schedule each order had where it was introduced: MaskGIT's cosine for confidence, uniform else."""
+    return "cosine" if order == "confidence" else "uniform"
 
 
 def _time_for_step(step: int, steps: int, num_timesteps: int) -> int:
@@ -60,6 +71,8 @@ def sample(
     guidance_scale: float = 1.0,
     null_cond: Cond | None = None,
     order: Order = "random",
+    schedule: Schedule | None = None,
+    confidence_noise: float = 0.0,
     x_init: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
     device: torch.device | str | None = None,
@@ -67,12 +80,18 @@ def sample(
 ) -> torch.Tensor:
     """Generate tokens (B, N); with `known` (B, N) bool the tokens of `x_init` there are kept (inpainting).
 
-    The callback's `evaluated` is the number of rows the network ran on at that step.
+    `schedule` None is the order's own (`default_schedule`). `confidence_noise` tau adds
+    tau (1 - (i+1)/S) Gumbel noise to the log-confidences that rank positions in confidence order (MaskGIT's
+    randomised choice: early steps explore, the last ones are greedy). The callback's `evaluated` is the number
+    of rows the network ran on at that step.
     """
     b, n = shape
     steps = num_timesteps if steps is None else steps  # 0 is refused below, not taken for the default
-    if order not in ("random", "confidence", "raster"):
+    if order not in ORDERS:
         raise ValueError(f"order must be 'random', 'confidence' or 'raster', got {order!r}")
+    schedule = default_schedule(order) if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be 'uniform' or 'cosine', got {schedule!r}")
     most = n if order == "raster" else num_timesteps
     if not 1 <= steps <= most:
         raise ValueError(f"steps must be in 1..{most} ({'the tokens' if order == 'raster' else 'the trained T'}), "
@@ -101,23 +120,31 @@ def sample(
         else:
             logits = guided_logits(net, x, t, cond, null_cond, guidance_scale)  # (B, N, K)
             evaluated = b
-        if order == "confidence":
-            x0_hat, conf = _draw_all(logits, temperature, top_k, top_p, generator)
-            # cosine schedule: fraction still masked after this step = cos(pi/2 * (i+1)/steps)
-            keep_masked = torch.floor(n_start_masked.float() * math.cos(math.pi / 2 * (i + 1) / steps)).long()
-            n_reveal = ((~unmasked).sum(1) - keep_masked).clamp(min=0)  # (B,)
-            score = conf.masked_fill(unmasked, -1.0)
-            rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+        n_masked = (~unmasked).sum(1)  # (B,)
+        if order == "random" and schedule == "uniform":  # the paper's: each masked token with probability 1/s
+            reveal = (torch.rand((b, n), device=device, generator=generator) < 1.0 / s) & ~unmasked
+        else:
+            if schedule == "cosine":  # fraction still masked after this step = cos(pi/2 * (i+1)/steps)
+                keep_masked = torch.floor(n_start_masked.float() * math.cos(math.pi / 2 * (i + 1) / steps)).long()
+                n_reveal = (n_masked - keep_masked).clamp(min=0)
+            else:  # an even share of what is left over the s steps to go
+                n_reveal = torch.ceil(n_masked.float() / s).long()
+            if order == "confidence":
+                x0_hat, conf = _draw_all(logits, temperature, top_k, top_p, generator)
+                score = conf.clamp_min(1e-30).log()
+                if confidence_noise > 0:
+                    gumbel = -torch.log(-torch.log(torch.rand(conf.shape, device=device, generator=generator)
+                                                   .clamp(1e-20, 1.0 - 1e-7)))
+                    score = score + confidence_noise * (1.0 - (i + 1) / steps) * gumbel
+            elif order == "random":
+                score = torch.rand((b, n), device=device, generator=generator)
+            else:  # raster: earlier positions first
+                score = -torch.arange(n, device=device, dtype=torch.float).expand(b, n)
+            rank = score.masked_fill(unmasked, -math.inf).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
             reveal = (rank < n_reveal.unsqueeze(1)) & ~unmasked
+        if order == "confidence":
             x = torch.where(reveal, x0_hat, x)
         else:
-            if order == "random":
-                u = torch.rand((b, n), device=device, generator=generator)
-                reveal = (u < 1.0 / s) & ~unmasked
-            else:  # raster
-                n_reveal = torch.ceil((~unmasked).sum(1).float() / s).long()  # spread what is left over s steps
-                rank = torch.cumsum((~unmasked).long(), dim=1)  # 1-based rank among masked, raster order
-                reveal = ~unmasked & (rank <= n_reveal.unsqueeze(1))
             x = x.clone()  # only the revealed positions are drawn: the rest of a full draw would be thrown away
             x[reveal] = sample_categorical(logits[reveal], temperature, top_k, top_p, generator)
         unmasked = unmasked | reveal

@@ -43,12 +43,14 @@ BAD = [
     ({"top_p": 0}, "top_p must be a number in (0, 1] or None, got 0"),
     ({"top_p": 1.5}, "top_p must be a number in (0, 1] or None, got 1.5"),
     ({"order": "spiral"}, "order must be one of random, confidence, raster, got 'spiral'"),
+    ({"schedule": "linear"}, "schedule must be one of uniform, cosine or None, got 'linear'"),
+    ({"confidence_noise": -1}, "confidence_noise must be a number >= 0, got -1"),
     ({"shape": [4, 4]}, "shape must be an integer or 2 integers >= (8, 8) or None, got (4, 4)"),
     ({"shape": [8, 8, 8]}, "shape must be an integer or 2 integers >= (8, 8) or None, got (8, 8, 8)"),
     ({"stride": 0}, "stride must be an integer or 2 integers >= 1 and <= (8, 8) or None, got 0"),
     ({"stride": [2, 9]}, "stride must be an integer or 2 integers >= 1 and <= (8, 8) or None, got (2, 9)"),
     ({"stpes": 2}, "AbsorbingPrior.sample has no option 'stpes' (did you mean 'steps'?); valid options: order, "
-                   "shape, steps, temperature, top_k, top_p, guidance_scale, stride"),
+                   "schedule, confidence_noise, shape, steps, temperature, top_k, top_p, guidance_scale, stride"),
 ]
 
 
@@ -91,7 +93,8 @@ def test_config_sampling_settings_are_checked_at_construction():
 
 def test_declaration_is_introspectable(prior):
     options = {o.name: o for o in prior.sampler_options.resolve(prior)}
-    assert list(options) == ["order", "shape", "steps", "temperature", "top_k", "top_p", "guidance_scale", "stride"]
+    assert list(options) == ["order", "schedule", "confidence_noise", "shape", "steps", "temperature", "top_k", "top_p",
+                            "guidance_scale", "stride"]
     steps = options["steps"]
     assert (steps.type, steps.default, steps.low, steps.high) == (int, 4, 1, 16)
     assert (options["shape"].default, options["shape"].low, options["shape"].size) == ((8, 8), (8, 8), 2)
@@ -156,8 +159,8 @@ def test_inpaint_refuses_a_bad_mask_before_any_work(prior, mask, message, monkey
 
 def test_inpaint_options_are_checked(prior):
     assert refused(prior.inpaint, images(), top_half(torch.bool), shape=(9, 9)) == (
-        "AbsorbingPrior.inpaint has no option 'shape'; valid options: order, steps, temperature, top_k, top_p, "
-        "guidance_scale, stride")
+        "AbsorbingPrior.inpaint has no option 'shape'; valid options: order, schedule, confidence_noise, steps, "
+        "temperature, top_k, top_p, guidance_scale, stride")
     assert refused(prior.inpaint, images(), top_half(torch.bool), steps=0) == \
         "steps must be an integer in 1..16 or None, got 0"
 

@@ -76,7 +76,7 @@ def option_controls(loaded: core.Loaded, mode: Mode, slot: str, where: Any) -> d
 def option_control(option: Option, key: str, where: Any) -> Any:
     help_text = f"{option.help} ({option.allowed()}; default {core.yaml_text(option.default)})"
     if option.choices is not None:
-        choices = list(option.choices)
+        choices = [None, *option.choices] if option.nullable else list(option.choices)
         index = choices.index(option.default) if option.default in choices else 0
         return where.selectbox(option.name, choices, index=index, key=key, help=help_text)
     if option.nullable and where.checkbox(f"{option.name}: None", value=option.default is None, key=f"{key}:none",
