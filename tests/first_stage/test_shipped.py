@@ -1,6 +1,6 @@
-"""The Fashion-MNIST first stage the project ships (`data/fmnist_vq.safetensors` with its config): every discrete
-Fashion-MNIST prior config trains on it, so they must load through the public reader and reconstruct the test
-split as well as when they were trained (README, Measured)."""
+"""The Fashion-MNIST first stages the project ships (`data/fmnist_vq.safetensors`, `data/fmnist_kl.safetensors`,
+each with its config): every Fashion-MNIST prior config trains on one of them, so they must load through the
+public reader and reconstruct the test split as well as when they were trained (README, Measured)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @needs_data
-@pytest.mark.parametrize("name,min_psnr", [("fmnist_vq", 25.0)])
+@pytest.mark.parametrize("name,min_psnr", [("fmnist_vq", 25.0), ("fmnist_kl", 27.5)])
 def test_shipped_first_stage_reconstructs_the_test_split(name, min_psnr):
     model, config = instantiate_from_checkpoint(DATA / f"{name}.safetensors")
     assert config["model"] == OmegaConf.to_container(OmegaConf.load(CONFIGS / "first_stage" / f"{name}.yaml").model,
@@ -30,8 +30,10 @@ def test_shipped_first_stage_reconstructs_the_test_split(name, min_psnr):
         assert scores["codebook_usage"] > 0.95  # nearly every code in use on 512 images
 
 
-@pytest.mark.parametrize("prior", ["absorbing/fmnist.yaml", "sundae/fmnist.yaml", "imagebart/fmnist.yaml"])
-def test_discrete_fashion_mnist_priors_name_the_shipped_first_stage(prior):
+@pytest.mark.parametrize("prior,first_stage", [("absorbing/fmnist.yaml", "fmnist_vq"), ("sundae/fmnist.yaml", "fmnist_vq"),
+                                               ("imagebart/fmnist.yaml", "fmnist_vq"), ("ldm/fmnist.yaml", "fmnist_kl"),
+                                               ("ldm/fmnist_text.yaml", "fmnist_kl")])
+def test_fashion_mnist_priors_name_the_shipped_first_stage(prior, first_stage):
     path = OmegaConf.load(CONFIGS / prior).model.params.first_stage_config.params.ckpt_path
-    assert path == "data/fmnist_vq.safetensors"
+    assert path == f"data/{first_stage}.safetensors"
     assert (DATA.parent / path).exists() and (DATA.parent / path).with_suffix(".yaml").exists()
