@@ -14,14 +14,14 @@ to x_t with q(x_t | x_{t-1}) and draw x_{t-1} again, to harmonise the filled reg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from imagebart.process import MultinomialDiffusion
 from ldm.conditioning import Cond
-from ldm.logits import sample_categorical
+from ldm.logits import gumbel_noise, sample_categorical
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -64,8 +64,7 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
     out = torch.empty_like(x_t)
     state = net.start(x_in, ts, labels)
     token = None
-    gen_device = generator.device if generator is not None else x_t.device
-    uniforms = torch.rand((n, b), generator=generator, device=gen_device).to(x_t.device)  # one per token drawn
+    noise = None  # Gumbel noise (B, K) per token, drawn in as few calls as memory allows
     for i in range(n):
         fed, length, position = token, state.length, state.position
         if use_cache:
@@ -75,7 +74,9 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
             logits = net.prefix_logits(state, prefix)
         if guide:
             logits = guided(logits, guidance_scale)
-        drawn = sample_categorical(logits, temperature, top_k, top_p, u=uniforms[i]).to(x_t.device)
+        if noise is None:
+            noise = _noise_per_token(n, b, logits.shape[-1], generator, x_t.device)
+        drawn = sample_categorical(logits, temperature, top_k, top_p, gumbel=next(noise)).to(x_t.device)
         if known is not None:
             drawn = torch.where(known[:, i], forced[:, i], drawn)
         out[:, i] = drawn
@@ -85,6 +86,15 @@ def sample_scale(net: Transition, x_t: torch.Tensor, t: int, cond: Cond | None =
                                   prefix=None if use_cache else prefix)
             callback({**(info or {}), "position": i, "x": out, "t": t, "replay": replay})
     return out
+
+
+def _noise_per_token(n: int, b: int, k: int, generator: torch.Generator | None, device: torch.device,
+                     max_elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """Gumbel noise (b, k) for each of a scale's n tokens, drawn in chunks of at most `max_elements` (a token's
+    draw then costs an add and an argmax; the same noise whether the decoder is cached or not)."""
+    per = max(1, max_elements // (b * k))
+    for start in range(0, n, per):
+        yield from gumbel_noise((min(per, n - start), b, k), generator, device)
 
 
 def _step_replay(net: Transition, state: Any, x_in: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | None,

@@ -39,17 +39,28 @@ def categorical_from_uniform(logits: torch.Tensor, u: torch.Tensor) -> torch.Ten
     return idx.clamp(max=logits.shape[-1] - 1)
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard Gumbel noise: argmax(logits + G) over the last axis is a draw of softmax(logits) (Gumbel-max)."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=gen_device).to(device)
+    return -torch.log(-torch.log(u))  # u = 0 gives -inf: never the argmax
+
+
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, generator: torch.Generator | None = None,
-                       u: torch.Tensor | None = None) -> torch.Tensor:
-    """Draw one index per row of `logits` (..., K); temperature 0 is argmax. `u` (...), uniforms drawn
-    beforehand (a sampler drawing many rows one at a time draws them at once), replaces the generator."""
+                       u: torch.Tensor | None = None, gumbel: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one index per row of `logits` (..., K); temperature 0 is argmax. Noise drawn beforehand replaces
+    the generator: `u` (...) uniforms for the inverse CDF, or `gumbel` (..., K) for the Gumbel-max draw (two
+    operations: what a sampler drawing a few rows at a time, one network step each, wants)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     logits = filter_logits(logits, top_k, top_p)
+    if gumbel is not None:
+        return (logits + gumbel).argmax(-1)
     if u is None:
         gen_device = generator.device if generator is not None else logits.device
         u = torch.rand(logits.shape[:-1], generator=generator, device=gen_device).to(logits.device)

@@ -79,26 +79,35 @@ def sample(
     temperatures, proportions = schedule(temperature, end_temperature, steps), schedule(proportion, end_proportion, steps)
     active = torch.ones(b, dtype=torch.bool, device=device)
     taken = torch.zeros(b, dtype=torch.long, device=device)
+    whole = True  # no sample has stopped yet: the step runs on the batch as it is, with no gathers
     for i, (temp, prop) in enumerate(zip(temperatures, proportions)):
-        idx = active.nonzero().squeeze(1)  # the samples still changing
-        xs = x[idx]  # (b', N)
-        c = index_cond(cond, idx) if cond else None
-        nc = index_cond(null_cond, idx) if null_cond else None
-        logits = guided_logits(call, xs, torch.zeros(len(idx), dtype=torch.long, device=device), c, nc, guidance_scale)
-        accept = torch.rand(xs.shape, generator=generator, device=gen_device).to(device) < prop  # (b', N)
-        if known is not None:
-            accept &= ~known[idx]
-        new = xs.clone()  # only the accepted positions are drawn: the rest would be thrown away
-        new[accept] = sample_categorical(logits[accept], temp, top_k, top_p, generator).to(device)
+        if whole:
+            idx, xs, c, nc = slice(None), x, cond, null_cond
+        else:
+            idx = active.nonzero().squeeze(1)  # the samples still changing
+            xs = x[idx]  # (b', N)
+            c = index_cond(cond, idx) if cond else None
+            nc = index_cond(null_cond, idx) if null_cond else None
+        logits = guided_logits(call, xs, torch.zeros(len(xs), dtype=torch.long, device=device), c, nc, guidance_scale)
+        if prop >= 1.0 and known is None:  # every proposal is accepted: one draw per position, nothing to select
+            new = sample_categorical(logits, temp, top_k, top_p, generator).to(device)
+        else:
+            accept = torch.rand(xs.shape, generator=generator, device=gen_device).to(device) < prop  # (b', N)
+            if known is not None:
+                accept &= ~known[idx]
+            new = xs.clone()  # only the accepted positions are drawn: the rest would be thrown away
+            new[accept] = sample_categorical(logits[accept], temp, top_k, top_p, generator).to(device)
         taken[idx] += 1
         if min_steps is not None and i >= min_steps:
             unchanged = (new == xs).all(1)
-            active[idx[unchanged]] = False
+            if bool(unchanged.any()):
+                active[torch.arange(b, device=device)[idx][unchanged]] = False
+                whole = False
         x[idx] = new
         if callback is not None:
             callback({"i": i, "steps": steps, "x": x, "temperature": temp, "proportion": prop,
                       "active": active.clone(), "steps_taken": taken.clone(),
-                      "evaluated": len(idx)})
-        if not bool(active.any()):
+                      "evaluated": len(xs)})
+        if not whole and not bool(active.any()):
             break
     return (x, taken) if return_steps else x

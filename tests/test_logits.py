@@ -78,3 +78,17 @@ def test_absorbing_draws_only_revealed_positions_from_the_network(order):
     probs = filter_logits(LOGITS / 0.8, 6).softmax(-1)
     assert all(chi_squared_ok(out[:, i], probs[i]) for i in range(n))
     assert not all(chi_squared_ok(out[:, i], LOGITS[i].softmax(-1)) for i in range(n))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.5, None, None), (1.5, None, 0.8)])
+def test_gumbel_max_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
+    """The Gumbel-max draw (noise drawn beforehand, as ImageBART's sampler does) has the inverse CDF's law."""
+    from ldm.logits import gumbel_noise
+
+    rows = LOGITS.repeat_interleave(DRAWS, 0).view(3, DRAWS, K)
+    drawn = sample_categorical(rows, temperature, top_k, top_p,
+                               gumbel=gumbel_noise(rows.shape, torch.Generator().manual_seed(2)))
+    probs = filter_logits(LOGITS / temperature, top_k, top_p).softmax(-1)
+    assert all(chi_squared_ok(drawn[i], probs[i]) for i in range(3))
+    other = filter_logits(LOGITS / (temperature * 2), top_k, top_p).softmax(-1)
+    assert not all(chi_squared_ok(drawn[i], other[i]) for i in range(3))
