@@ -175,3 +175,33 @@ def test_bool_int_and_float_masks_mean_the_same(prior):
     assert torch.equal(fill(top_half(torch.int64)), reference)
     assert torch.equal(fill(top_half(torch.float32)[:, 0]), reference)  # (B, H, W)
     assert torch.equal(fill(top_half(torch.float32) * 0.8 + 0.1), reference)
+
+
+def test_config_sample_defaults_become_the_options_defaults():
+    """`sample_defaults` in an absorbing config: the declared defaults say so, and a call without the option
+    samples exactly as one that passes it."""
+    tuned = build(**{"model.params.sample_defaults": {"schedule": "cosine", "temperature": 0.9}})
+    resolved = {o.name: o.default for o in tuned.sampler_options.resolve(tuned)}
+    assert resolved["schedule"] == "cosine" and resolved["temperature"] == 0.9 and resolved["order"] == "random"
+    plain = build()
+    plain.load_state_dict(tuned.state_dict())
+    a = tuned.sample(4, cond=[0, 1, 2, 3], generator=torch.Generator().manual_seed(0))
+    b = plain.sample(4, cond=[0, 1, 2, 3], generator=torch.Generator().manual_seed(0), schedule="cosine",
+                     temperature=0.9)
+    assert torch.equal(a, b)
+    c = tuned.sample(4, cond=[0, 1, 2, 3], generator=torch.Generator().manual_seed(0), schedule="uniform",
+                     temperature=0.9)  # a call's option wins over the config's
+    d = plain.sample(4, cond=[0, 1, 2, 3], generator=torch.Generator().manual_seed(0), temperature=0.9)
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("defaults,message", [
+    ({"schedule": "linear"}, "model.params.sample_defaults: schedule must be one of uniform, cosine or None, "
+                             "got 'linear'"),
+    ({"steps": 8}, "model.params.sample_defaults: the step count is `sample_steps`, not a sample_defaults key"),
+    ({"shape": 10}, "model.params.sample_defaults: AbsorbingPrior.inpaint has no option 'shape'"),
+])
+def test_bad_config_sample_defaults_are_refused(defaults, message):
+    with pytest.raises(ValueError) as e:
+        build(**{"model.params.sample_defaults": defaults})
+    assert str(e.value).startswith(message)

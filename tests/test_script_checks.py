@@ -60,8 +60,8 @@ SAMPLE_BAD = [
     (["guidance_scale=-2"], "guidance_scale must be a number >= 0, got -2"),
     (["top_p=0"], "top_p must be a number in (0, 1] or None, got 0"),
     (["--order=spiral"], "order must be one of random, confidence, raster, got 'spiral'"),
-    (["stpes=4"], "AbsorbingPrior.sample has no option 'stpes' (did you mean 'steps'?); valid options: order, shape, "
-                  "steps, temperature, top_k, top_p, guidance_scale, stride"),
+    (["stpes=4"], "AbsorbingPrior.sample has no option 'stpes' (did you mean 'steps'?); valid options: order, schedule, "
+                  "confidence_noise, shape, steps, temperature, top_k, top_p, guidance_scale, stride"),
     (["--cond", "12"], "--cond must be a class label in 0..9 (or 10, the null class), got 12"),
     (["--cond", "a photo of a bag"], "cond must be a class label or one per sample, in 0..9, got 'a photo of a bag'"),
 ]
@@ -169,8 +169,8 @@ BENCHMARK_BAD = [
     (["--steps", "17"], "--steps: steps must be an integer in 1..16 or None, got 17"),
     (["--steps", "2", "--guidance", "-1"], "--guidance: guidance_scale must be a number >= 0, got -1"),
     (["--option", "temperature=-1"], "--option: temperature must be a number >= 0, got -1"),
-    (["--option", "width=3"], "--option: AbsorbingPrior.sample has no option 'width'; valid options: order, shape, "
-                              "steps, temperature, top_k, top_p, guidance_scale, stride"),
+    (["--option", "width=3"], "--option: AbsorbingPrior.sample has no option 'width'; valid options: order, schedule, "
+                              "confidence_noise, shape, steps, temperature, top_k, top_p, guidance_scale, stride"),
 ]
 
 
