@@ -111,8 +111,9 @@ def _rank(rank: int, world: int, args: list[str]) -> None:
 
 def test_two_processes_give_the_numbers_of_one(ckpt, uninterrupted, tmp_path):
     out = tmp_path / "eval.json"
-    # forked: the children start with this process's imports (no CUDA here), as two torchrun ranks would run
-    mp.start_processes(_rank, args=(2, argv(ckpt, out)), nprocs=2, join=True, start_method="fork")
+    # spawned, as two torchrun ranks would start: a fork of this process can inherit a lock some thread of it
+    # held (the test hung that way) and wait on it forever
+    mp.start_processes(_rank, args=(2, argv(ckpt, out)), nprocs=2, join=True, start_method="spawn")
     result = json.loads(out.read_text())
     assert result["processes"] == 2 and numbers(out) == numbers(uninterrupted)
 
