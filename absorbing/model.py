@@ -13,17 +13,12 @@ from absorbing.unleashing import convert_sampler_state_dict
 from absorbing.windows import windowed_denoiser
 from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
-from ldm.sampler_options import Option, SamplerOptions
+from ldm.sampler_options import Option, SamplerOptions, config_default
 from ldm.util import ConfigError, PositiveInt, instantiate_from_config
 
 
 def _training_hw(prior: AbsorbingPrior, _: Any = None) -> tuple[int, int]:
     return tuple(prior.latent_shape[-2:])
-
-
-def _default(name: str, builtin: Any) -> Any:
-    """The config's `sample_defaults` value of an option, else the sampler's own."""
-    return lambda prior, _: getattr(prior, "sample_defaults", {}).get(name, builtin)
 
 
 def _max_steps(prior: AbsorbingPrior, options: dict[str, Any]) -> int:
@@ -35,14 +30,14 @@ def _max_steps(prior: AbsorbingPrior, options: dict[str, Any]) -> int:
 
 
 SAMPLER_OPTIONS = SamplerOptions(
-    Option("order", str, _default("order", "random"), choices=ORDERS,
+    Option("order", str, config_default("order", "random"), choices=ORDERS,
            help="which masked tokens a step reveals: random ones (the paper), the most confident (MaskGIT), "
                 "or the next ones in raster order"),
-    Option("schedule", str, _default("schedule", None), choices=SCHEDULES, nullable=True,
+    Option("schedule", str, config_default("schedule", None), choices=SCHEDULES, nullable=True,
            help="how many tokens a step reveals: 'uniform' (each with probability 1/s in random order, an even "
                 "share of what is left otherwise) or 'cosine' (MaskGIT's: few early, many late); None: the "
                 "order's own, cosine in confidence order and uniform otherwise"),
-    Option("confidence_noise", float, _default("confidence_noise", 0.0), low=0.0,
+    Option("confidence_noise", float, config_default("confidence_noise", 0.0), low=0.0,
            help="Gumbel noise on the log-confidences that rank positions in confidence order, scaled by "
                 "1 - (i+1)/S (MaskGIT's randomised choice, 4.5 in its code): more diverse samples; unused "
                 "in the other orders"),
@@ -52,13 +47,13 @@ SAMPLER_OPTIONS = SamplerOptions(
     Option("steps", int, lambda prior, _: prior.sample_steps, low=1, high=_max_steps, nullable=True,
            help="reverse steps S (step s runs at time round(s T / S)); at most T, or one per token in raster "
                 "order (None: the config's sample_steps)"),
-    Option("temperature", float, _default("temperature", 1.0), low=0.0,
+    Option("temperature", float, config_default("temperature", 1.0), low=0.0,
            help="divides the logits: 0 takes the most likely token, < 1 sharpens, > 1 flattens"),
-    Option("top_k", int, _default("top_k", None), low=1, nullable=True,
+    Option("top_k", int, config_default("top_k", None), low=1, nullable=True,
            help="draw from the k most likely tokens only (None: all)"),
-    Option("top_p", float, _default("top_p", None), low=0.0, high=1.0, low_open=True, nullable=True,
+    Option("top_p", float, config_default("top_p", None), low=0.0, high=1.0, low_open=True, nullable=True,
            help="draw from the smallest set of tokens whose probability reaches p (nucleus; None: all)"),
-    Option("guidance_scale", float, _default("guidance_scale", 1.0), low=0.0, conditional_only=True,
+    Option("guidance_scale", float, config_default("guidance_scale", 1.0), low=0.0, conditional_only=True,
            help="classifier-free guidance s, log p_u + s (log p_c - log p_u): 1 is the conditional model "
                 "(no guidance), 0 the unconditional one, > 1 follows the condition more closely; needs a "
                 "prior trained with cond_drop_prob > 0"),
@@ -116,10 +111,8 @@ class AbsorbingPrior(LatentPrior):
         self.sample_defaults: dict[str, Any] = {}
         if sample_defaults and "steps" in sample_defaults:
             raise ConfigError("sample_defaults", "the step count is `sample_steps`, not a sample_defaults key")
-        try:  # options of both sample and inpaint (not shape), checked like a call's
-            self.sample_defaults = self.check_sampler_options(dict(sample_defaults or {}), mode="inpaint")
-        except ValueError as e:
-            raise ConfigError("sample_defaults", str(e)) from None
+        # options of both sample and inpaint (not shape)
+        self.sample_defaults = self.checked_sample_defaults(sample_defaults, mode="inpaint")
         self.finish_init(ckpt_path, ignore_keys)
 
     def denoiser(self, ema: bool = False):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from ldm.conditioning import Cond, index_cond
-from ldm.logits import filter_logits, guided_logits, sample_categorical
+from ldm.logits import filter_logits, guided_logits, gumbel_noise, sample_categorical
 
 Callback = Callable[[dict[str, Any]], None]
 Order = Literal["random", "confidence", "raster"]
@@ -133,9 +133,7 @@ def sample(
                 x0_hat, conf = _draw_all(logits, temperature, top_k, top_p, generator)
                 score = conf.clamp_min(1e-30).log()
                 if confidence_noise > 0:
-                    gumbel = -torch.log(-torch.log(torch.rand(conf.shape, device=device, generator=generator)
-                                                   .clamp(1e-20, 1.0 - 1e-7)))
-                    score = score + confidence_noise * (1.0 - (i + 1) / steps) * gumbel
+                    score = score + confidence_noise * (1.0 - (i + 1) / steps) * gumbel_noise(conf.shape, generator, device)
             elif order == "random":
                 score = torch.rand((b, n), device=device, generator=generator)
             else:  # raster: earlier positions first

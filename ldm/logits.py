@@ -44,7 +44,7 @@ def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = Non
     """Standard Gumbel noise: argmax(logits + G) over the last axis is a draw of softmax(logits) (Gumbel-max)."""
     gen_device = generator.device if generator is not None else device
     u = torch.rand(shape, generator=generator, device=gen_device).to(device)
-    return -torch.log(-torch.log(u))  # u = 0 gives -inf: never the argmax
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # finite: u = 0 gives -4.5, not -inf
 
 
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

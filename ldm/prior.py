@@ -350,6 +350,15 @@ class LatentPrior(pl.LightningModule):
     def null_cond(self, n: int) -> Cond:
         return self.conditioner.null(n, self.device)
 
+    def checked_sample_defaults(self, given: Mapping[str, Any] | None, builtin: Mapping[str, Any] | None = None,
+                                mode: Mode = "sample") -> dict[str, Any]:
+        """A config's `sample_defaults` over the prior's own (`builtin`), checked like a call's options; a bad
+        one is a ConfigError under that key."""
+        try:
+            return {**(builtin or {}), **self.check_sampler_options(dict(given or {}), mode)}
+        except ValueError as e:
+            raise ConfigError("sample_defaults", str(e)) from None
+
     def check_sampler_options(self, options: Mapping[str, Any], mode: Mode = "sample") -> dict[str, Any]:
         """`options` normalised against `sampler_options`; a ValueError names the first bad one.
 

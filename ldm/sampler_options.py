@@ -29,6 +29,11 @@ def _text(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def config_default(name: str, builtin: Any = None) -> Any:
+    """An option default read from the prior's `sample_defaults` (its config's), else `builtin`."""
+    return lambda prior, _: prior.sample_defaults.get(name, builtin)
+
+
 @dataclass(frozen=True)
 class Option:
     """One keyword a sampler takes; `check` normalises a value or names what is allowed."""

@@ -10,7 +10,7 @@ import torch
 
 from ldm.conditioning import Cond, cat_cond
 from ldm.prior import LatentPrior
-from ldm.sampler_options import Option, SamplerOptions
+from ldm.sampler_options import Option, SamplerOptions, config_default
 from ldm.util import ConfigError, instantiate_from_config
 from sundae.hourglass import HourglassTransformer, convert_original_state_dict
 from sundae.process import UnrolledDenoising
@@ -23,28 +23,24 @@ SAMPLER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _default(name: str) -> Any:
-    return lambda prior, _: prior.sample_defaults[name]
-
-
 SAMPLER_OPTIONS = SamplerOptions(
-    Option("steps", int, _default("steps"), low=1,
+    Option("steps", int, config_default("steps"), low=1,
            help="sampling steps at most (a sample stops earlier once a step leaves it unchanged, see min_steps)"),
-    Option("temperature", float, _default("temperature"), low=0.0,
+    Option("temperature", float, config_default("temperature"), low=0.0,
            help="temperature of the first step's proposals: 0 takes the most likely token, < 1 sharpens"),
-    Option("end_temperature", float, _default("end_temperature"), low=0.0, nullable=True,
+    Option("end_temperature", float, config_default("end_temperature"), low=0.0, nullable=True,
            help="temperature of the last step; in between it runs linearly (None: constant, the start value)"),
-    Option("proportion", float, _default("proportion"), low=0.0, high=1.0, low_open=True,
+    Option("proportion", float, config_default("proportion"), low=0.0, high=1.0, low_open=True,
            help="share of the first step's proposals accepted (each position independently)"),
-    Option("end_proportion", float, _default("end_proportion"), low=0.0, high=1.0, low_open=True, nullable=True,
+    Option("end_proportion", float, config_default("end_proportion"), low=0.0, high=1.0, low_open=True, nullable=True,
            help="share accepted at the last step; in between it runs linearly (None: constant, the start value)"),
-    Option("min_steps", int, _default("min_steps"), low=0, nullable=True,
+    Option("min_steps", int, config_default("min_steps"), low=0, nullable=True,
            help="steps before a sample may stop on its own, once a step leaves it unchanged (None: run every step)"),
-    Option("top_k", int, _default("top_k"), low=1, nullable=True,
+    Option("top_k", int, config_default("top_k"), low=1, nullable=True,
            help="propose from the k most likely tokens only (None: all)"),
-    Option("top_p", float, _default("top_p"), low=0.0, high=1.0, low_open=True, nullable=True,
+    Option("top_p", float, config_default("top_p"), low=0.0, high=1.0, low_open=True, nullable=True,
            help="propose from the smallest set of tokens whose probability reaches p (nucleus; None: all)"),
-    Option("guidance_scale", float, _default("guidance_scale"), low=0.0, conditional_only=True,
+    Option("guidance_scale", float, config_default("guidance_scale"), low=0.0, conditional_only=True,
            help="classifier-free guidance s, log p_u + s (log p_c - log p_u): 1 is the conditional model (no "
                 "guidance), 0 the unconditional one; needs a prior trained with cond_drop_prob > 0"),
 )
@@ -87,10 +83,7 @@ class SundaePrior(LatentPrior):
             net_kw["num_classes"] = self.num_classes
         self.model = instantiate_from_config(network_config, key="network_config", **net_kw)
         self.sample_defaults = dict(SAMPLER_DEFAULTS)
-        try:
-            self.sample_defaults.update(self.check_sampler_options(dict(sample_defaults or {})))
-        except ValueError as e:
-            raise ConfigError("sample_defaults", str(e)) from None
+        self.sample_defaults = self.checked_sample_defaults(sample_defaults, SAMPLER_DEFAULTS)
         self.finish_init(ckpt_path, ignore_keys)
 
     def denoiser(self, ema: bool = False):

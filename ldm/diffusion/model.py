@@ -36,7 +36,7 @@ from ldm.diffusion.process import (
     extract,
 )
 from ldm.prior import LatentPrior
-from ldm.sampler_options import Mode, Option, SamplerOptions
+from ldm.sampler_options import Mode, Option, SamplerOptions, config_default
 from ldm.util import ConfigError, NonNegativeFloat, PositiveInt, instantiate_from_config
 
 SAMPLERS = ("ddim", "plms", "dpm++2m", "euler", "heun", "ddpm")
@@ -44,19 +44,15 @@ EDM_SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")  # those an elucidated prior
 EDM_MAX_STEPS = 1000  # an elucidated prior has no T to bound its steps
 
 
-def _default(name: str) -> Any:
-    return lambda prior, _: prior.sample_defaults[name]
-
-
 def _max_steps(prior: LatentDiffusionPrior, _: Any = None) -> int:
     return prior.process.num_timesteps if prior.edm is None else EDM_MAX_STEPS
 
 
 SAMPLER_OPTIONS = SamplerOptions(
-    Option("sampler", str, _default("sampler"), choices=SAMPLERS,
+    Option("sampler", str, config_default("sampler"), choices=SAMPLERS,
            help="ddim (eta), plms, dpm++2m (DPM-Solver++ 2M), euler / heun (Karras sigmas, churn), ddpm (all T steps); "
                 "an elucidated prior: ddim, dpm++2m, euler, heun"),
-    Option("steps", int, _default("steps"), low=1, high=_max_steps,
+    Option("steps", int, config_default("steps"), low=1, high=_max_steps,
            help="sampler steps (network evaluations; heun spends two per step but the last); ddpm runs all T"),
     Option("eta", float, 0.0, low=0.0, high=1.0, help="DDIM's eta: 0 deterministic, 1 as ancestral sampling"),
     Option("s_churn", float, 0.0, low=0.0, help="euler / heun: Karras et al.'s churn, noise added back per step"),
@@ -162,10 +158,7 @@ class LatentDiffusionPrior(LatentPrior):
             names.append("cond_stage_model")
         self.network_names = tuple(names)
         self.sample_defaults = {"sampler": "ddim" if self.edm is None else "heun", "steps": 50}
-        try:
-            self.sample_defaults.update(self.check_sampler_options(dict(sample_defaults or {})))
-        except ValueError as e:
-            raise ConfigError("sample_defaults", str(e)) from None
+        self.sample_defaults = self.checked_sample_defaults(sample_defaults, self.sample_defaults)
         self.finish_init(ckpt_path, ignore_keys)
 
     def _concat_channels(self) -> int:
