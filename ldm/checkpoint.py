@@ -312,6 +312,14 @@ def _without_ckpt_paths(node: Any) -> Any:
     return node
 
 
+def _first_stage_ckpt(model_config: Mapping[str, Any]) -> str | None:
+    """The `ckpt_path` a prior config's first stage names, if any."""
+    params = model_config.get("params") or {}
+    first_stage = params.get("first_stage_config") if isinstance(params, Mapping) else None
+    named = ((first_stage or {}).get("params") or {}).get("ckpt_path") if isinstance(first_stage, Mapping) else None
+    return str(named) if named else None
+
+
 def check_config_matches(obj: Any, path: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """A config given for a checkpoint that carries its own must build the same class (`model.target`)."""
     stored = obj.get("config") if isinstance(obj, Mapping) else None
@@ -339,18 +347,21 @@ def instantiate_from_checkpoint(
     if str(path).endswith((".yaml", ".yml")):  # a sampling config that assembles checkpoints (ImageBART's scales)
         return _from_sampling_config(path, check_class)
     obj = read_checkpoint(path)  # once: the config and the weights both come from it
-    if config is None:
-        config = _stored_config(obj, path)
-    else:
-        config = dict(config)
+    given = config is not None
+    config = dict(config) if given else _stored_config(obj, path)
     if check_class is not None:
         check_class(get_obj_from_str((config.get("model") or {}).get("target"), key="model.target"))
     check_config_matches(obj, path, config)
-    model = instantiate_from_config(_without_ckpt_paths(config["model"]), key="model")
+    model_config = _without_ckpt_paths(config["model"])
+    named = _first_stage_ckpt(config["model"]) if given else None
+    if named and Path(named).is_file():  # the config's own first stage, to compare with the checkpoint's
+        model_config["params"]["first_stage_config"]["params"]["ckpt_path"] = named
+    model = instantiate_from_config(model_config, key="model")
     state = state_dict_in(obj, path)
     del obj
     if hasattr(model, "check_networks_in"):  # another prior's weights: one sentence, not a key listing
         model.check_networks_in(state, str(path))
+        model.check_first_stage_in(state, str(path))
     training_only = ("loss.", "first_stage_model.loss.")
     load_into(model, state, source=str(path), allow_missing=("loss.",), allow_unexpected=training_only)
     if hasattr(model, "sync_ema_buffers"):

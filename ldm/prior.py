@@ -160,6 +160,7 @@ class LatentPrior(pl.LightningModule):
         if ckpt_path:
             state = self.convert_checkpoint_state(drop_keys(load_state_dict(ckpt_path), ignore_keys))
             self.check_networks_in(state, f"ckpt_path {ckpt_path}")
+            self.check_first_stage_in(state, f"ckpt_path {ckpt_path}")
             load_into(self, state, source=str(ckpt_path), allow_missing=tuple(ignore_keys) + self.optional_keys(state),
                       allow_unexpected=FIRST_STAGE_TRAINING_KEYS)
             for name in self.network_names:  # a checkpoint without EMA copies: they start from its weights
@@ -191,6 +192,27 @@ class LatentPrior(pl.LightningModule):
                     f"{source} holds another network than {type(self).__name__}'s {name!r} (only {len(theirs & ours)} "
                     f"of its {len(theirs)} {name}.* keys, e.g. {sorted(theirs - ours)[0]}, are among this network's "
                     f"{len(ours)}): a checkpoint of another prior or architecture? Use the config it was trained with")
+
+    def check_first_stage_in(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Refuse a checkpoint whose first stage is not the one the config names (and loaded): the prior's
+        latents mean nothing to another first stage, and loading would silently swap it in."""
+        from ldm.checkpoint import CheckpointError
+
+        prefix = "first_stage_model."
+        theirs = {k[len(prefix):]: v for k, v in state.items()
+                  if k.startswith(prefix) and not k.startswith(FIRST_STAGE_TRAINING_KEYS)}
+        if not self.first_stage_ckpt or not theirs:
+            return
+        ours = self.first_stage_model.state_dict()
+        for key, value in theirs.items():
+            mine = ours.get(key)
+            if mine is None or mine.shape != value.shape or not torch.equal(mine, value.to(mine.dtype)):
+                why = ("not in it" if mine is None else f"{tuple(value.shape)} against {tuple(mine.shape)}"
+                       if mine.shape != value.shape else "other values")
+                raise CheckpointError(
+                    f"{source} holds a prior trained on another first stage than {self.first_stage_ckpt}, the one "
+                    f"the config names ({prefix}{key}: {why}); its latents mean nothing to that first stage: load "
+                    f"it with the config it was trained with, or train the prior on this first stage")
 
     def optional_keys(self, state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
         """Key prefixes a checkpoint may lack: the first stage (it has its own `ckpt_path`) when the

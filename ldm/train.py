@@ -311,7 +311,10 @@ def resumable_step(model: Any, path: str) -> int:
     if not isinstance(resumed, Mapping) or not isinstance(resumed.get("state_dict"), Mapping):
         raise CheckpointError(f"{path} is not a training checkpoint written by main.py "
                               "(it has no state_dict); -r resumes runs of this project")
-    check_shapes(model, state_dict_in(resumed, path), path)
+    state = state_dict_in(resumed, path)
+    check_shapes(model, state, path)
+    if hasattr(model, "check_first_stage_in"):  # a prior resumed on another first stage than its config's
+        model.check_first_stage_in(state, path)
     return int(resumed.get("global_step", 0))
 
 

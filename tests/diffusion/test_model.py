@@ -213,3 +213,41 @@ def test_a_caption_is_encoded_once_per_sampling_run_not_at_every_step():
     hook.remove()
     assert len(calls) == 2 + 4  # the reference encodes the doubled batch at every step
     torch.testing.assert_close(once, again, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_on_another_first_stage_is_refused(tmp_path):
+    """A prior checkpoint loaded with a config naming another first stage (sample.py --config, main.py -r, the
+    prior's ckpt_path) is refused by name: its latents mean nothing to that first stage, and loading would
+    silently swap the checkpoint's in."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import CheckpointError, instantiate_from_checkpoint
+    from ldm.train import resumable_step
+
+    prior = build()
+    weights = {k: v.contiguous() for k, v in prior.first_stage_model.state_dict().items()}
+    save_file(weights, tmp_path / "same.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, tmp_path / "other.safetensors")
+    torch.save({"state_dict": prior.state_dict(), "global_step": 3}, tmp_path / "prior.ckpt")
+    key = "model.params.first_stage_config.params.ckpt_path"
+    ckpt = str(tmp_path / "prior.ckpt")
+    message = (rf"{ckpt} holds a prior trained on another first stage than {tmp_path}/other.safetensors, the one "
+               r"the config names \(first_stage_model\.\S+: other values\); its latents mean nothing to that first "
+               r"stage: load it with the config it was trained with, or train the prior on this first stage")
+
+    same = build(**{key: str(tmp_path / "same.safetensors"), "model.params.ckpt_path": ckpt})
+    assert torch.equal(same.model.out[-1].weight, prior.model.out[-1].weight)
+    with pytest.raises(CheckpointError, match=message.replace(ckpt, f"ckpt_path {ckpt}")):
+        build(**{key: str(tmp_path / "other.safetensors"), "model.params.ckpt_path": ckpt})
+    with pytest.raises(CheckpointError, match=message):
+        resumable_step(build(**{key: str(tmp_path / "other.safetensors")}), ckpt)
+    assert resumable_step(build(**{key: str(tmp_path / "same.safetensors")}), ckpt) == 3
+
+    config = OmegaConf.to_container(OmegaConf.load(CFG), resolve=True)
+    config["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = str(tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        instantiate_from_checkpoint(ckpt, config)
+    config["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = str(tmp_path / "same.safetensors")
+    loaded, _ = instantiate_from_checkpoint(ckpt, config, use_ema=False)
+    assert torch.equal(loaded.model.out[-1].weight, prior.model.out[-1].weight)
