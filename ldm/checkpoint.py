@@ -314,9 +314,8 @@ def _without_ckpt_paths(node: Any) -> Any:
 
 def _first_stage_ckpt(model_config: Mapping[str, Any]) -> str | None:
     """The `ckpt_path` a prior config's first stage names, if any."""
-    params = model_config.get("params") or {}
-    first_stage = params.get("first_stage_config") if isinstance(params, Mapping) else None
-    named = ((first_stage or {}).get("params") or {}).get("ckpt_path") if isinstance(first_stage, Mapping) else None
+    first_stage = (model_config.get("params") or {}).get("first_stage_config") or {}
+    named = (first_stage.get("params") or {}).get("ckpt_path")
     return str(named) if named else None
 
 
@@ -359,7 +358,7 @@ def instantiate_from_checkpoint(
     model = instantiate_from_config(model_config, key="model")
     state = state_dict_in(obj, path)
     del obj
-    if hasattr(model, "check_networks_in"):  # another prior's weights: one sentence, not a key listing
+    if hasattr(model, "check_networks_in"):  # a prior: another's weights or first stage in one sentence
         model.check_networks_in(state, str(path))
         model.check_first_stage_in(state, str(path))
     training_only = ("loss.", "first_stage_model.loss.")

@@ -206,13 +206,18 @@ class LatentPrior(pl.LightningModule):
         ours = self.first_stage_model.state_dict()
         for key, value in theirs.items():
             mine = ours.get(key)
-            if mine is None or mine.shape != value.shape or not torch.equal(mine, value.to(mine.dtype)):
-                why = ("not in it" if mine is None else f"{tuple(value.shape)} against {tuple(mine.shape)}"
-                       if mine.shape != value.shape else "other values")
-                raise CheckpointError(
-                    f"{source} holds a prior trained on another first stage than {self.first_stage_ckpt}, the one "
-                    f"the config names ({prefix}{key}: {why}); its latents mean nothing to that first stage: load "
-                    f"it with the config it was trained with, or train the prior on this first stage")
+            if mine is None:
+                why = "not in it"
+            elif mine.shape != value.shape:
+                why = f"{tuple(value.shape)} against {tuple(mine.shape)}"
+            elif not torch.equal(mine, value.to(mine.dtype)):
+                why = "other values"
+            else:
+                continue
+            raise CheckpointError(
+                f"{source} holds a prior trained on another first stage than {self.first_stage_ckpt}, the one "
+                f"the config names ({prefix}{key}: {why}); its latents mean nothing to that first stage: load "
+                f"it with the config it was trained with, or train the prior on this first stage")
 
     def optional_keys(self, state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
         """Key prefixes a checkpoint may lack: the first stage (it has its own `ckpt_path`) when the
