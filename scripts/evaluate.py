@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast(prior.device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     result: dict = {"checkpoint": args.resume, "num_samples": args.num_samples, "bf16": args.bf16, "rows": []}
+    # a row names only its swept options: the rest are these (a config's sample_defaults included)
+    result["sampler_defaults"] = {o.name: o.default for o in prior.sampler_options.resolve(prior)}
     result["nll_unit"] = "bits per token" if getattr(prior, "latent_kind", None) == "tokens" else "bits per dimension"
     if args.elbo_limit and rank == 0:
         split_cfg = config["data"]["params"][args.elbo_split]

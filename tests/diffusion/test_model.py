@@ -30,6 +30,24 @@ def test_every_sampler_runs_through_the_prior_and_is_seeded(sampler):
     assert a.shape == (2, 1, 32, 32) and torch.equal(a, b) and torch.isfinite(a).all()
 
 
+def test_a_config_eta_is_the_default_and_a_call_overrides_it():
+    """`sample_defaults: {eta: 1.0}` (the Fashion-MNIST configs' ancestral DDIM): the declared default says so,
+    a call without eta samples as one passing it, and a call's eta wins."""
+    ancestral = build(**{"model.params.sample_defaults": {"sampler": "ddim", "steps": 4, "eta": 1.0}}).eval()
+    plain = build().eval()
+    plain.load_state_dict(ancestral.state_dict())
+    assert {o.name: o.default for o in ancestral.sampler_options.resolve(ancestral)}["eta"] == 1.0
+    assert {o.name: o.default for o in plain.sampler_options.resolve(plain)}["eta"] == 0.0
+
+    def draw(model, **kw):
+        return model.sample(2, cond=[1, 2], generator=torch.Generator().manual_seed(0), sampler="ddim", steps=4,
+                            **kw)
+
+    assert torch.equal(draw(ancestral), draw(plain, eta=1.0))
+    assert torch.equal(draw(ancestral, eta=0.0), draw(plain))
+    assert not torch.equal(draw(ancestral), draw(plain))
+
+
 def test_repaint_schedule_goes_back_up_and_ends_below_zero():
     times = repaint_schedule(10, jump=3, resample=2)
     assert times[0] == 9 and times[-1] == -1

@@ -71,6 +71,8 @@ def test_rows_carry_the_runner_columns(uninterrupted):
         set(result["first_stage_reconstructions"])
     assert result["features"].startswith("fmnist-") and result["preprocessing"] == "uint8"
     assert result["nll_unit"] == "bits per token"
+    # the options a row does not sweep are on record, as the prior resolved them
+    assert result["sampler_defaults"]["temperature"] == 1.0 and result["sampler_defaults"]["order"] == "random"
     table = uninterrupted.with_suffix(".md").read_text()
     assert "| steps | FD_fmnist | conditional_accuracy |" in table and "precision" in table
     assert len(list(Path(result["work_dir"]).glob("*/batch-*.pt"))) == 3  # 10 samples in batches of 4
