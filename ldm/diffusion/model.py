@@ -60,6 +60,10 @@ SAMPLER_OPTIONS = SamplerOptions(
     Option("s_tmin", float, 0.0, low=0.0, help="euler / heun: churn only at sigma >= s_tmin"),
     Option("s_tmax", float, None, low=0.0, nullable=True, help="euler / heun: churn only at sigma <= s_tmax (None: all)"),
     Option("s_noise", float, 1.0, low=0.0, help="euler / heun: scale of the churn noise (Karras et al.'s S_noise)"),
+    Option("sigma_max", float, 80.0, low=0.0, low_open=True, nullable=True,
+           help="euler / heun on a discrete-time model: the Karras schedule's largest sigma, capped at the model's "
+                "own (Karras et al.'s 80; null: the model's own, 20,291 for the cosine schedule at T = 1000, where "
+                "a few steps are spent at noise levels that carry no image); an elucidated prior's is its config's"),
     Option("guidance_scale", float, 1.0, low=0.0, conditional_only=True,
            help="classifier-free guidance u + s (c - u) on the network output: 1 is the conditional model; needs a "
                 "prior trained with cond_drop_prob > 0"),
@@ -259,7 +263,8 @@ class LatentDiffusionPrior(LatentPrior):
         return lambda x0: x0.clamp(-clip, clip)
 
     def _run(self, model, x_T: torch.Tensor, generator: torch.Generator | None, callback: Any, sampler: str,
-             steps: int, eta: float, churn: Mapping[str, float], x0_transform: Any = None) -> torch.Tensor:
+             steps: int, eta: float, churn: Mapping[str, float], x0_transform: Any = None,
+             sigma_max: float | None = None) -> torch.Tensor:
         if self.edm is not None:
             return self._edm_run(model, x_T, generator, callback, sampler, steps, eta, churn, x0_transform)
         p = self.process
@@ -274,7 +279,8 @@ class LatentDiffusionPrior(LatentPrior):
         if sampler == "dpm++2m":
             return samplers.dpm_solver_pp(model, p, x_T, steps, generator, callback)
         den = samplers.VPDenoiser(model, p, x0_transform)
-        sigmas = samplers.karras_sigmas(steps, den.sigma_min, den.sigma_max, device=x_T.device)
+        top = den.sigma_max if sigma_max is None else min(sigma_max, den.sigma_max)
+        sigmas = samplers.karras_sigmas(steps, den.sigma_min, top, device=x_T.device)
         fn = samplers.heun if sampler == "heun" else samplers.euler
         return fn(den, x_T * sigmas[0], sigmas, generator, callback, **churn)
 
@@ -288,7 +294,7 @@ class LatentDiffusionPrior(LatentPrior):
         transform = self.x0_transform(o)
         model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
         return self._run(model, self._noise(n, generator), generator, callback, o["sampler"], o["steps"],
-                         o.get("eta", 0.0), churn_options(o), transform)
+                         o.get("eta", 0.0), churn_options(o), transform, o.get("sigma_max", 80.0))
 
     def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
                         generator: torch.Generator | None, ema: bool = True, callback: Any = None,

@@ -30,6 +30,25 @@ def test_every_sampler_runs_through_the_prior_and_is_seeded(sampler):
     assert a.shape == (2, 1, 32, 32) and torch.equal(a, b) and torch.isfinite(a).all()
 
 
+def test_karras_samplers_on_a_discrete_model_start_at_sigma_80_unless_told():
+    """The cosine schedule's largest sigma is in the thousands; Karras et al.'s schedule starts at 80 (capped at the
+    model's own), `sigma_max=None` at the model's own, and a call's value wins."""
+    model = build(**{"model.params.beta_schedule": "cosine"}).eval()
+    own = model.process.alphas_cumprod[-1]
+    own = float(((1 - own) / own).sqrt())
+    assert own > 1000
+
+    def first_sigma(**kw):
+        seen = []
+        model.sample(1, cond=[1], sampler="euler", steps=3, callback=lambda d: seen.append(d["t"]), **kw)
+        return seen[0]
+
+    assert first_sigma() == pytest.approx(80.0)
+    assert first_sigma(sigma_max=None) == pytest.approx(own, rel=1e-5)
+    assert first_sigma(sigma_max=5.0) == pytest.approx(5.0)
+    assert first_sigma(sigma_max=1e9) == pytest.approx(own, rel=1e-5)
+
+
 def test_a_config_eta_is_the_default_and_a_call_overrides_it():
     """`sample_defaults: {eta: 1.0}` (the Fashion-MNIST configs' ancestral DDIM): the declared default says so,
     a call without eta samples as one passing it, and a call's eta wins."""
