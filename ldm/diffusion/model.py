@@ -41,6 +41,7 @@ from ldm.util import ConfigError, NonNegativeFloat, PositiveInt, instantiate_fro
 
 SAMPLERS = ("ddim", "plms", "dpm++2m", "euler", "heun", "ddpm")
 EDM_SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")  # those an elucidated prior runs in σ-space
+KARRAS_SIGMA_MAX = 80.0  # Karras et al.'s σ_max: where euler / heun start on a discrete-time model
 EDM_MAX_STEPS = 1000  # an elucidated prior has no T to bound its steps
 
 
@@ -60,7 +61,7 @@ SAMPLER_OPTIONS = SamplerOptions(
     Option("s_tmin", float, 0.0, low=0.0, help="euler / heun: churn only at sigma >= s_tmin"),
     Option("s_tmax", float, None, low=0.0, nullable=True, help="euler / heun: churn only at sigma <= s_tmax (None: all)"),
     Option("s_noise", float, 1.0, low=0.0, help="euler / heun: scale of the churn noise (Karras et al.'s S_noise)"),
-    Option("sigma_max", float, 80.0, low=0.0, low_open=True, nullable=True,
+    Option("sigma_max", float, KARRAS_SIGMA_MAX, low=0.0, low_open=True, nullable=True,
            help="euler / heun on a discrete-time model: the Karras schedule's largest sigma, capped at the model's "
                 "own (Karras et al.'s 80; null: the model's own, 20,291 for the cosine schedule at T = 1000, where "
                 "a few steps are spent at noise levels that carry no image); an elucidated prior's is its config's"),
@@ -294,7 +295,7 @@ class LatentDiffusionPrior(LatentPrior):
         transform = self.x0_transform(o)
         model = self._model_fn(n, cond, ema, o.get("guidance_scale", 1.0), o.get("guidance_rescale", 0.0))
         return self._run(model, self._noise(n, generator), generator, callback, o["sampler"], o["steps"],
-                         o.get("eta", 0.0), churn_options(o), transform, o.get("sigma_max", 80.0))
+                         o.get("eta", 0.0), churn_options(o), transform, o.get("sigma_max", KARRAS_SIGMA_MAX))
 
     def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
                         generator: torch.Generator | None, ema: bool = True, callback: Any = None,
