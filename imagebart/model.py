@@ -27,7 +27,7 @@ from imagebart.sampling import sample
 from imagebart.transformer import convert_original_state_dict
 from ldm.conditioning import Cond
 from ldm.prior import LatentPrior
-from ldm.sampler_options import Option, SamplerOptions
+from ldm.sampler_options import Option, SamplerOptions, config_default
 from ldm.util import ConfigError, PositiveInt, Probability, instantiate_from_config
 
 
@@ -36,17 +36,17 @@ def _scales(prior: ImageBARTPrior, _: Any = None) -> int:
 
 
 SAMPLER_OPTIONS = SamplerOptions(
-    Option("temperature", float, 1.0, low=0.0, size=_scales,
+    Option("temperature", float, config_default("temperature", 1.0), low=0.0, size=_scales,
            help="divides the logits, one value or one per scale t = 1..T: 0 takes the most likely token"),
-    Option("top_k", int, lambda prior, _: prior.top_k, low=1, size=_scales, nullable=True,
+    Option("top_k", int, lambda prior, _: prior.sample_defaults.get("top_k", prior.top_k), low=1, size=_scales, nullable=True,
            help="draw from the k most likely codes only, one value or one per scale t = 1..T (None: all)"),
-    Option("top_p", float, None, low=0.0, high=1.0, low_open=True, size=_scales, nullable=True,
+    Option("top_p", float, config_default("top_p"), low=0.0, high=1.0, low_open=True, size=_scales, nullable=True,
            help="draw from the smallest set of codes whose probability reaches p, one value or one per scale "
                 "(nucleus; None: all)"),
-    Option("guidance_scale", float, 1.0, low=0.0, conditional_only=True,
+    Option("guidance_scale", float, config_default("guidance_scale", 1.0), low=0.0, conditional_only=True,
            help="classifier-free guidance s on each next-token distribution, log p_u + s (log p_c - log p_u): "
                 "1 is the conditional model; needs a prior trained with cond_drop_prob > 0"),
-    Option("resample", int, 1, low=0, modes=("inpaint",),
+    Option("resample", int, config_default("resample", 1), low=0, modes=("inpaint",),
            help="extra passes per scale that re-noise the filled x_{t-1} to x_t and draw it again"),
     Option("use_cache", int, 1, choices=(0, 1),
            help="1: decode with the key/value cache (one decoder step per token); 0: rerun the decoder on the "
@@ -100,6 +100,7 @@ class ImageBARTPrior(LatentPrior):
         single_scale: PositiveInt | None = None,
         scale_weights: Sequence[float] | None = None,
         top_k: PositiveInt | None = None,
+        sample_defaults: Mapping[str, Any] | None = None,
         remap: str | None = None,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
@@ -150,6 +151,8 @@ class ImageBARTPrior(LatentPrior):
             self.top = instantiate_from_config(top_config, key="top_config", **net_kw)
             names.append("top")
         self.network_names = tuple(names)
+        self.sample_defaults: dict[str, Any] = {}
+        self.sample_defaults = self.checked_sample_defaults(sample_defaults, mode="inpaint")
         # which network runs each scale: `top` the last one when there is one, `model` the others
         self.scale_networks = {t: ("top" if wants_top and (t == n_scales or not wants_model) else "model")
                                for t in range(1, n_scales + 1)}
@@ -303,7 +306,9 @@ class ImageBARTPrior(LatentPrior):
                 callback: Any = None, x0_known: torch.Tensor | None = None, known: torch.Tensor | None = None,
                 **options: Any) -> torch.Tensor:
         h, w = self.latent_shape[-2:]
-        options.setdefault("top_k", self.top_k)
+        options = {"top_k": self.top_k, "resample": 1, **self.sample_defaults, **options}
+        if known is None:  # re-noise-and-resample passes are for inpainting only
+            options.pop("resample")
         options["use_cache"] = bool(options.get("use_cache", 1))
         tokens = sample(lambda t: self.transition(t, ema), self.process, (n, h * w), cond or None, generator,
                         callback, null_cond=self.null_cond(n) if cond else None, device=self.device,
@@ -314,7 +319,6 @@ class ImageBARTPrior(LatentPrior):
     def sample_latents(self, n: int, cond: Cond, generator: torch.Generator | None, ema: bool = True,
                        **kw: Any) -> torch.Tensor:
         """Token ids (n, h, w) in the prior's vocabulary; options as `sampler_options` declares."""
-        kw.pop("resample", None)
         return self._sample(n, cond, generator, ema, **kw)
 
     def inpaint_latents(self, latents: torch.Tensor, known: torch.Tensor, cond: Cond,
@@ -322,7 +326,6 @@ class ImageBARTPrior(LatentPrior):
         """Tokens (B, h, w) with `known` (B, h, w) bool kept at every scale."""
         if known.shape != latents.shape:
             raise ValueError(f"known mask {tuple(known.shape)} does not match the token map {tuple(latents.shape)}")
-        kw.setdefault("resample", 1)
         return self._sample(latents.shape[0], cond, generator, ema, x0_known=latents, known=known, **kw)
 
     def nll_latents(self, latents: torch.Tensor, cond: Cond, ema: bool = True,

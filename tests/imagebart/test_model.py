@@ -213,3 +213,18 @@ def test_a_single_scale_checkpoint_logs_its_own_transition():
     assert set(logs) == {"x_1", "samples_x_0", "x_0"} and all(v.shape == (3, 1, 16, 16) for v in logs.values())
     with pytest.raises(ValueError, match="scale 2 has no network here: this prior holds scale 1 only"):
         model.sample(1, cond=0)
+
+
+def test_a_config_sample_defaults_are_the_defaults_and_a_call_overrides_them():
+    """`sample_defaults: {temperature: [...]}` is what `sample` does unasked: the same samples as passing it, a call's
+    own value wins, and the declared default (what evaluate.py records) says so; a bad one names the key."""
+    defaults = {"temperature": [0.7, 1.0], "top_k": 8}
+    model, plain = build(**{"model.params.sample_defaults": defaults}).eval(), build().eval()
+    plain.load_state_dict(model.state_dict())
+    draw = lambda m, **kw: m.sample(4, cond=[0, 1, 2, 3], generator=torch.Generator().manual_seed(1), **kw)  # noqa: E731
+    assert torch.equal(draw(model), draw(plain, **defaults))
+    assert torch.equal(draw(model, temperature=1.0, top_k=None), draw(plain))
+    resolved = {o.name: o.default for o in model.sampler_options.resolve(model)}
+    assert resolved["temperature"] == (0.7, 1.0) and resolved["top_k"] == (8, 8)
+    with pytest.raises(ConfigError, match=r"sample_defaults: temperature must be a number or 2 numbers >= 0"):
+        build(**{"model.params.sample_defaults": {"temperature": [1.0, 1.0, 1.0]}})
