@@ -269,6 +269,11 @@ class EncoderDecoder(nn.Module):
         return self.output(logits, x_t, t, 0)
 
     # --- incremental decoding ----------------------------------------------------------------
+    def evaluation_modules(self) -> list[nn.Module]:
+        """What one network evaluation runs: the decoder, once per token while sampling (the encoder once per
+        scale besides), once per sequence in training."""
+        return [self.decoder]
+
     def start(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> DecodeState:
         return DecodeState(x_t, t, cond, context=self.encode(x_t, t, cond),
                            caches=self.decoder.new_caches(self.seq_len))
@@ -384,6 +389,10 @@ class DecoderOnly(nn.Module):
                 cond: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conditioning(t, cond)
         return self.run(torch.cat([c, x_prev[:, :-1]], 1))[:, c.shape[1] - 1:]
+
+    def evaluation_modules(self) -> list[nn.Module]:
+        """What one network evaluation runs: the output head, once per token while sampling."""
+        return [self.head]
 
     def start(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> DecodeState:
         return DecodeState(x_t, t, cond, caches=[{"capacity": self.block_size} for _ in self.blocks])

@@ -79,7 +79,9 @@ def prior_networks(prior: nn.Module) -> list[nn.Module]:
 def count_network_rows(prior: nn.Module) -> Iterator[list[int]]:
     """Count the rows (batch entries) the prior's networks run on inside the block: `[rows]`. A sampler that
     skips unchanged rows (absorbing) or stopped samples (SUNDAE) is charged what it ran; a guided step that
-    runs the conditional and unconditional halves counts both."""
+    runs the conditional and unconditional halves counts both. A network that is not evaluated through its
+    `forward` while sampling (an autoregressive decoder stepping through a key/value cache) names what one
+    evaluation runs in `evaluation_modules()`: one evaluation per decoded token."""
     counter = [0]
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -87,7 +89,9 @@ def count_network_rows(prior: nn.Module) -> Iterator[list[int]]:
         if first is not None:
             counter[0] += int(first.shape[0])
 
-    handles = [net.register_forward_hook(hook, with_kwargs=True) for net in prior_networks(prior)]
+    modules = [m for net in prior_networks(prior)
+               for m in (net.evaluation_modules() if hasattr(net, "evaluation_modules") else [net])]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:
         yield counter
     finally:

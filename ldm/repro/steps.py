@@ -39,6 +39,17 @@ CACHE_SPLITS = ("train", "validation", "test")
 RUN_TIME = r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d"
 
 
+def native_bf16(setting: bool | str) -> bool:
+    """`evaluation.bf16` resolved: `auto` is whether this machine runs bfloat16 natively."""
+    if setting != "auto":
+        return bool(setting)
+    import torch
+
+    from ldm.train import cpu_has_native_bf16
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+
+
 def python(script: str, *args: Any) -> list[str]:
     """The command line of one of the project's programs, run by this interpreter."""
     path = REPO / "main.py" if script == "main" else SCRIPTS / f"{script}.py"
@@ -372,7 +383,8 @@ class Plan:
             for v in prior.sweep.values():
                 rows *= len(v)
         args = ["-n", n, "--batch-size", ev.batch_size, "--seed", ev.seed, "--eval-split", ev.eval_split,
-                "--features", ev.features, *elbo, *ev.extra_args, "--out", self.eval_json(prior, part)]
+                "--features", ev.features, *elbo, *(["--bf16"] if native_bf16(ev.bf16) else []), *ev.extra_args,
+                "--out", self.eval_json(prior, part)]
         return [str(a) for a in args] + (["--sweep", *sweep] if sweep else []), rows
 
     def evaluate_step(self, prior: Prior, part: str) -> Step:

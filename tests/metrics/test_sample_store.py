@@ -3,6 +3,7 @@ cover the plan once; the cost of a batch is measured (network rows, seconds, mem
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,21 @@ def test_network_rows_are_counted_per_sample(prior):
                      guidance_scale=2.0)
     assert guided[0] == 2 * rows[0]  # conditional and unconditional rows
     assert not prior.network("model", ema=True)._forward_hooks  # removed after the block
+
+
+@pytest.mark.parametrize("use_cache", [1, 0])
+def test_an_autoregressive_prior_is_charged_one_evaluation_per_decoded_token(use_cache):
+    """ImageBART steps its decoders through `next_logits` (or reruns them on the prefix), never `forward`: a
+    sample of T scales over N tokens costs T * N evaluations, twice that under guidance."""
+    config = OmegaConf.to_container(OmegaConf.load(CONFIGS / "imagebart.yaml"), resolve=True)
+    torch.manual_seed(0)
+    bart = instantiate_from_config(config["model"], key="model").eval()
+    tokens = bart.process.n_scales * math.prod(bart.latent_shape[-2:])
+    for guidance in (1.0, 2.0):
+        with count_network_rows(bart) as rows:
+            bart.sample(3, cond=[0, 1, 2], generator=torch.Generator().manual_seed(0), use_cache=use_cache,
+                        guidance_scale=guidance)
+        assert rows[0] == 3 * tokens * (2 if guidance != 1.0 else 1)
 
 
 def test_an_interrupted_run_resumes_to_the_samples_of_an_uninterrupted_one(prior, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import read_checkpoint
 from ldm.repro.spec import load_spec
 from ldm.repro.table import comparable
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "test" / "repro_tiny.yaml"
@@ -200,3 +200,21 @@ def test_a_finished_first_stage_is_exported_where_the_config_names_safetensors(t
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items() if k in
                loaded.state_dict())
     assert plan.first_stage_checkpoint(fs) == path  # found as it is from now on
+
+
+@pytest.mark.parametrize("setting", [True, False, "auto"])
+def test_evaluations_run_in_bfloat16_where_the_config_says(setting, tmp_path, monkeypatch):
+    """`evaluation.bf16`: on, off, or `auto`, on where the hardware runs bfloat16 natively; anything else is
+    refused by its key."""
+    from ldm.repro import steps
+    from ldm.repro.steps import Plan
+
+    monkeypatch.setattr("ldm.train.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = load_spec(TINY, [f"evaluation.bf16={str(setting).lower()}"])
+    args, _ = Plan(spec, tmp_path / "results", tmp_path / "logs").evaluate_args(spec.priors["absorbing"], "main")
+    assert ("--bf16" in args) == (setting is not False)
+    monkeypatch.setattr("ldm.train.cpu_has_native_bf16", lambda: False)
+    assert steps.native_bf16("auto") is False and steps.native_bf16(True) is True
+    with pytest.raises(ConfigError, match=r"evaluation.bf16: must be true, false or auto, got 'sometimes'"):
+        load_spec(TINY, ["evaluation.bf16=sometimes"])
