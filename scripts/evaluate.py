@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,12 +68,15 @@ from ldm.util import instantiate_from_config  # noqa: E402
 
 
 def parse_sweep(items: list[str]) -> dict[str, list]:
+    """`name=v1,v2` to {name: [v1, v2]}; a bracketed value is one setting (`temperature=[1.0,0.8],0.9`: one
+    temperature per scale, then 0.9 for all)."""
     out = {}
     for item in items:
         k, _, v = item.partition("=")
-        if not k or not v or "" in v.split(","):
-            raise SystemExit(f"--sweep entries look like name=v1,v2; got {item!r}")
-        out[k] = [yaml.safe_load(x) for x in v.split(",")]
+        values = re.findall(r"\[[^\[\]]*\]|[^,\[\]]+", v)
+        if not k or not v or ",".join(values) != v:
+            raise SystemExit(f"--sweep entries look like name=v1,v2 (a list in brackets is one value); got {item!r}")
+        out[k] = [yaml.safe_load(x) for x in values]
     return out
 
 

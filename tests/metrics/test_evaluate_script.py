@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,15 @@ def test_plot_draws_a_cost_curve_per_setting(ckpt, tmp_path, capsys):
     assert run(lambda: evaluate().main(bad)) != 0
     assert "--plot-along temperature: not a --sweep key (steps); each curve runs along one swept setting" in \
         capsys.readouterr().err
+
+
+def test_a_bracketed_sweep_value_is_one_setting():
+    """Per-scale options are swept as lists: `temperature=[1.0,1.0,0.7],0.9` is two settings; a malformed entry
+    is refused naming it."""
+    parse = evaluate().parse_sweep
+    assert parse(["temperature=[1.0,1.0,0.7],0.9", "steps=4,8"]) == {"temperature": [[1.0, 1.0, 0.7], 0.9],
+                                                                     "steps": [4, 8]}
+    for bad in ("t=1,,2", "t=[1,2", "t=", "t=1,[2]x"):
+        with pytest.raises(SystemExit, match=r"--sweep entries look like name=v1,v2 \(a list in brackets is one "
+                                             rf"value\); got '{re.escape(bad)}'"):
+            parse([bad])
