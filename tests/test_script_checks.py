@@ -123,7 +123,7 @@ EVALUATE_BAD = [
     (["--sweep", "steps=4,0", "temperature=1"], "steps must be an integer in 1..16 or None, got 0"),
     (["--sweep", "temperature=1,-1"], "temperature must be a number >= 0, got -1"),
     (["--sweep", "guidance_scale=-1"], "guidance_scale must be a number >= 0, got -1"),
-    (["--sweep", "steps="], "--sweep entries look like name=v1,v2; got 'steps='"),
+    (["--sweep", "steps="], "--sweep entries look like name=v1,v2 (a list in brackets is one value); got 'steps='"),
     (["-n", "0", "--elbo-limit", "2", "--elbo-split", "test"],
      "--elbo-split: the stored config has no data.params.test; choose a split it has (train, validation)"),
 ]
