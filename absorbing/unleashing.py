@@ -8,8 +8,9 @@ Keys equal the original `Transformer.state_dict()` (`_denoise_fn.` prefix in sam
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ldm.nn.attention import attention
 
 
 class _SelfAttention(nn.Module):
@@ -26,7 +27,7 @@ class _SelfAttention(nn.Module):
         b, n, d = x.shape
         q, k, v = (f(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
                    for f in (self.query, self.key, self.value))  # (B, H, N, d_h)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.attention import attention
 from ldm.util import Fraction, NonNegativeInt, PositiveInt
 
 
@@ -78,7 +79,7 @@ class Attention(nn.Module):
                 k, v = _append(cache, k, v, offset)
             mask = _causal_mask(q.shape[2], k.shape[2], x.device) if self.causal and q.shape[2] > 1 else None
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        out = attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -313,7 +314,7 @@ class GPTAttention(nn.Module):
             k, v = _append(cache, k, v, offset)
         mask = _causal_mask(q.shape[2], k.shape[2], x.device, n_unmasked) if q.shape[2] > 1 or n_unmasked else None
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        out = attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 

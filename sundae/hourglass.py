@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from x_transformers.x_transformers import FeedForward, apply_rotary_pos_emb
 
+from ldm.nn.attention import attention
 from ldm.util import ConfigError
 
 RotaryMode = Literal["per_head", "original"]
@@ -194,7 +194,7 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         if rotate and rotary_mode == "per_head":
             q, k = apply_rotary_pos_emb(q, angles), apply_rotary_pos_emb(k, angles)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.attention import attention
 from ldm.util import Fraction, NonNegativeInt, PositiveInt
 
 # ddconfig keys the anchors pass to both classes that one of them does not use.
@@ -143,7 +144,7 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, 1, c, hh * ww).transpose(-1, -2)  # (B, 1 head, HW, C)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))  # (B, 1, HW, C)
+        out = attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))  # (B, 1, HW, C)
         out = out.transpose(-1, -2).reshape(b, c, hh, ww)  # (B, C, H, W)
         return x + self.proj_out(out)
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.attention import attention
 from ldm.util import NonNegativeFloat, PositiveInt
 
 BERT_VOCAB = 30522  # bert-base-uncased's WordPiece vocabulary
@@ -47,8 +47,7 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  (B, heads, L, dim_head)
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)),
-                                             attn_mask=attn_mask)
+        out = attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)), attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, L, dim)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.attention import attention
 from ldm.util import Fraction, PositiveInt
 
 
@@ -170,7 +171,7 @@ class AttentionBlock(nn.Module):
             q, k, v = (t.reshape(b, heads, -1, length) for t in qkv.chunk(3, dim=1))
         else:  # legacy: (B*heads, 3*ch, T) split into q, k, v
             q, k, v = qkv.reshape(b, heads, -1, length).chunk(3, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         h = self.proj_out(out.transpose(-1, -2).reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
 
@@ -197,7 +198,7 @@ class CrossAttention(nn.Module):
             mask = context_mask.bool()
             empty = ~mask.any(-1)  # no token at all (the null text): the attention adds nothing
             mask = (mask | empty[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask)
         if empty is not None:
             out = out.masked_fill(empty[:, None, None, None], 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))

@@ -155,18 +155,18 @@ def _rotated_features(mode):
     torch.manual_seed(0)
     net = HourglassTransformer(5, (4, 4), dim=8, depth=[1], heads=4, dim_head=8, rotary_mode=mode)
     captured = {}
-    original = hourglass.F.scaled_dot_product_attention
+    original = hourglass.attention
 
     def spy(q, k, v, **kw):
         captured["q"] = q
         return original(q, k, v, **kw)
 
-    hourglass.F.scaled_dot_product_attention = spy
+    hourglass.attention = spy
     try:
         x = torch.zeros(1, 16, dtype=torch.long)  # the same token everywhere: only positions differ
         net(x)
     finally:
-        hourglass.F.scaled_dot_product_attention = original
+        hourglass.attention = original
     q = captured["q"][0]  # (H, N, dh): identical rows but for the rotation
     return (q - q[:, :1]).abs().amax(1) > 1e-6  # (H, dh)
 
